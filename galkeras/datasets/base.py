@@ -1,0 +1,308 @@
+"""The `Dataset` container and the registry of dataset sources.
+
+A source registers a loader under a name. A plain source is loaded by its name
+(`digits`); a prefix source takes an argument after a colon (`npz:PATH`). The
+training script only ever calls `load_dataset(spec)`, and its flag validators
+call `check_dataset_spec(spec)`, which loads nothing.
+
+Example:
+
+```python
+@register("tiny")
+def load_tiny(arg, data_dir):
+    return Dataset(name="tiny", x_train=..., y_train=..., ...)
+
+dataset = load_dataset("tiny")
+```
+"""
+
+import dataclasses
+import difflib
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """A dataset spec or a dataset's contents are invalid.
+
+    The message names what is at fault (the file, the key, the flag) and how to
+    fix it.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """An in-memory image classification dataset.
+
+    Images are uint8 pixels in `[0, 255]`, shaped `[N, H, W, C]`; `[N, H, W]` is
+    accepted and gets a channel axis. Labels are int64 in `[0, num_classes)`;
+    other integer dtypes and `[N, 1]` label arrays are converted.
+
+    Args:
+        name: str. The dataset's name, used in logs and run directories.
+        x_train: uint8 array `[N, H, W, C]`, the training images.
+        y_train: int64 array `[N]`, the annotated training labels as the source
+            gives them (real noise included), before any synthetic noise.
+        x_test: uint8 array `[M, H, W, C]`, the clean test images.
+        y_test: int64 array `[M]`, the test labels.
+        num_classes: int. The number of classes `K`, at least 2.
+        class_names: tuple of `K` strings.
+        y_train_clean: int64 array `[N]` or None. The clean training labels when
+            known, for the pseudo-labels' precision (spec, "Evaluation").
+        mean: tuple of `C` floats or None. Per-channel pixel mean in the 0–255
+            scale, for normalisation inside the model. None computes it from
+            `x_train`.
+        std: tuple of `C` floats or None. Per-channel pixel standard deviation,
+            likewise. A constant channel gets 1.0 so normalising stays finite.
+
+    Raises:
+        DatasetError: if shapes, dtypes, lengths or labels are inconsistent.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    class_names: tuple[str, ...]
+    y_train_clean: np.ndarray | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        def fail(message):
+            raise DatasetError(f"Dataset {self.name!r}: {message}")
+
+        # The dataclass is frozen: the normalised fields are set through object.
+        def set_field(field, value):
+            object.__setattr__(self, field, value)
+
+        if (
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, (int, np.integer))
+            or self.num_classes < 2
+        ):
+            fail(f"num_classes must be an integer >= 2, got {self.num_classes!r}.")
+        set_field("num_classes", int(self.num_classes))
+        class_names = tuple(str(name) for name in self.class_names)
+        if len(class_names) != self.num_classes:
+            fail(
+                f"class_names has {len(class_names)} names but num_classes is "
+                f"{self.num_classes}; give one name per class."
+            )
+        set_field("class_names", class_names)
+
+        for key in ("x_train", "x_test"):
+            set_field(key, _as_images(getattr(self, key), key, fail))
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            fail(
+                f"x_train images are {self.x_train.shape[1:]} (H, W, C) but "
+                f"x_test images are {self.x_test.shape[1:]}; both splits need "
+                f"one image shape."
+            )
+
+        label_keys = [("y_train", "x_train"), ("y_test", "x_test")]
+        if self.y_train_clean is not None:
+            label_keys.append(("y_train_clean", "x_train"))
+        for key, images_key in label_keys:
+            labels = _as_labels(getattr(self, key), key, self.num_classes, fail)
+            num_images = len(getattr(self, images_key))
+            if len(labels) != num_images:
+                fail(
+                    f"{key} has {len(labels)} labels but {images_key} has "
+                    f"{num_images} images; they must have the same length."
+                )
+            set_field(key, labels)
+
+        num_channels = self.image_shape[-1]
+        if self.mean is None or self.std is None:
+            mean, std = channel_mean_std(self.x_train)
+            set_field("mean", self.mean if self.mean is not None else mean)
+            set_field("std", self.std if self.std is not None else std)
+        for key in ("mean", "std"):
+            values = tuple(float(v) for v in np.ravel(getattr(self, key)))
+            if len(values) != num_channels:
+                fail(
+                    f"{key} has {len(values)} values but the images have "
+                    f"{num_channels} channels; give one per channel."
+                )
+            set_field(key, values)
+        if min(self.std) <= 0:
+            fail(f"std must be positive per channel, got {self.std}.")
+
+    @property
+    def image_shape(self):
+        """The shape of one image, `(H, W, C)`."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_train(self):
+        """The number of training samples."""
+        return len(self.x_train)
+
+
+def _as_images(images, key, fail):
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        fail(
+            f"{key} must hold uint8 pixels in 0..255, got dtype {images.dtype}; "
+            f"convert with np.clip(x, 0, 255).astype(np.uint8)."
+        )
+    if images.ndim == 3:
+        images = images[..., np.newaxis]
+    if images.ndim != 4:
+        fail(f"{key} must have shape (N, H, W) or (N, H, W, C), got {images.shape}.")
+    if len(images) == 0:
+        fail(f"{key} holds no images.")
+    return images
+
+
+def _as_labels(labels, key, num_classes, fail):
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        fail(f"{key} must have shape (N,) or (N, 1), got {labels.shape}.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        fail(f"{key} must hold integer class ids, got dtype {labels.dtype}.")
+    if labels.size:
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            fail(
+                f"{key} has label {bad} outside [0, {num_classes}) "
+                f"(num_classes={num_classes})."
+            )
+    return labels.astype(np.int64)
+
+
+def channel_mean_std(images, chunk_size=4096):
+    """Per-channel mean and standard deviation of uint8 images, 0–255 scale.
+
+    Sums in float64 over chunks of images, so a large dataset is never copied
+    to float as a whole.
+
+    Args:
+        images: array `[N, H, W, C]`.
+        chunk_size: int. Images per chunk.
+
+    Returns:
+        `(mean, std)`, two tuples of `C` Python floats. A constant channel gets
+        std 1.0, so that normalising by it stays finite.
+    """
+    total = np.zeros(images.shape[-1])
+    total_sq = np.zeros(images.shape[-1])
+    for start in range(0, len(images), chunk_size):
+        chunk = images[start : start + chunk_size].astype(np.float64)
+        total += chunk.sum(axis=(0, 1, 2))
+        total_sq += np.square(chunk).sum(axis=(0, 1, 2))
+    count = images.size // images.shape[-1]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    std = np.where(std > 0, std, 1.0)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+# name -> (loader, takes an argument after "name:").
+_LOADERS = {}
+
+
+def register(name, *, prefix=False):
+    """Registers a dataset loader under `name` (a decorator).
+
+    The loader is called as `loader(arg, data_dir)` and returns a `Dataset`.
+    A plain loader is selected by the spec `name` and gets `arg=None`; a prefix
+    loader is selected by `name:ARG` and gets the text after the colon.
+
+    Args:
+        name: str. The source's name; no colon.
+        prefix: bool. Whether the source takes an argument (`npz:PATH`).
+
+    Returns:
+        The decorator, which returns the loader unchanged.
+    """
+    if not name or ":" in name:
+        raise ValueError(f"A dataset name must be non-empty with no ':', got {name!r}.")
+
+    def decorator(loader):
+        if name in _LOADERS and _LOADERS[name][0] is not loader:
+            registered = _LOADERS[name][0]
+            raise ValueError(
+                f"Dataset {name!r} is already registered by "
+                f"{registered.__module__}.{registered.__qualname__}."
+            )
+        _LOADERS[name] = (loader, prefix)
+        return loader
+
+    return decorator
+
+
+def dataset_names():
+    """The registered dataset specs, sorted; a prefix source shows as `name:PATH`."""
+    return sorted(
+        f"{name}:PATH" if prefix else name for name, (_, prefix) in _LOADERS.items()
+    )
+
+
+def _parse_spec(spec):
+    """Returns `(loader, arg)` for a spec, or raises DatasetError."""
+    if not isinstance(spec, str):
+        raise DatasetError(f"A dataset spec must be a string, got {spec!r}.")
+    name, colon, arg = spec.partition(":")
+    known = ", ".join(dataset_names())
+    if name not in _LOADERS:
+        close = difflib.get_close_matches(name, list(_LOADERS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise DatasetError(f"Unknown dataset {spec!r}; known: {known}.{hint}")
+    loader, prefix = _LOADERS[name]
+    if prefix and not arg:
+        raise DatasetError(
+            f"Dataset {name!r} needs an argument: write it as '{name}:PATH'."
+        )
+    if not prefix and colon:
+        raise DatasetError(
+            f"Dataset {name!r} takes no argument after ':', got {spec!r}; "
+            f"write it as {name!r}."
+        )
+    return loader, (arg if prefix else None)
+
+
+def check_dataset_spec(spec):
+    """Checks that a spec names a registered source, without loading anything.
+
+    Meant for command-line flag validators: it is cheap and does not touch the
+    file system.
+
+    Args:
+        spec: str. A name (`digits`) or `name:ARG` for a prefix source.
+
+    Raises:
+        DatasetError: for an unknown name (the message lists the known ones) or
+            a missing or unexpected argument.
+    """
+    _parse_spec(spec)
+
+
+def load_dataset(spec, data_dir=None):
+    """Loads the dataset named by `spec`.
+
+    Args:
+        spec: str. A name from `dataset_names()`, e.g. `digits`, or
+            `name:ARG` for a prefix source, e.g. `npz:/data/mine.npz`.
+        data_dir: str or None. Where sources that download or cache data keep
+            it; sources that need none ignore it.
+
+    Returns:
+        A `Dataset`.
+
+    Raises:
+        DatasetError: for an unknown spec or invalid data.
+    """
+    loader, arg = _parse_spec(spec)
+    dataset = loader(arg, data_dir)
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"The loader for {spec!r} returned {type(dataset).__name__}, not a Dataset."
+        )
+    return dataset

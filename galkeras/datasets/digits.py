@@ -1,0 +1,71 @@
+"""`digits`: the embedded offline default dataset.
+
+scikit-learn ships 1797 real 8×8 handwritten digits (the UCI optical
+recognition set) with its wheel, so this source needs no download. It is the
+dataset of the tests and of the quick CPU runs; its labels are clean.
+"""
+
+import numpy as np
+
+from galkeras.datasets.base import Dataset, register
+
+# Share of each class held out for the test split.
+TEST_FRACTION = 0.2
+# Seed of the fixed split; changing it changes every digits result.
+SPLIT_SEED = 0
+
+
+def stratified_split(labels, test_fraction, seed):
+    """Splits sample ids per class: `round(test_fraction * n_j)` of class j test.
+
+    Written in NumPy rather than with scikit-learn's `train_test_split`, so the
+    split depends only on NumPy's `default_rng` stream.
+
+    Args:
+        labels: 1-D integer array.
+        test_fraction: float in `[0, 1]`.
+        seed: int. Seed of `np.random.default_rng`; the classes are permuted
+            in increasing class order from one generator.
+
+    Returns:
+        `(train_ids, test_ids)`, sorted int64 arrays that partition the ids.
+    """
+    rng = np.random.default_rng(seed)
+    test_ids = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        test_ids.append(members[: int(round(test_fraction * len(members)))])
+    test_ids = np.sort(np.concatenate(test_ids)).astype(np.int64)
+    train_ids = np.setdiff1d(np.arange(len(labels)), test_ids).astype(np.int64)
+    return train_ids, test_ids
+
+
+@register("digits")
+def load_digits(arg, data_dir):
+    """Loads `digits` (1438 train / 359 test, 8×8×1, 10 classes).
+
+    Args:
+        arg: unused (a plain source).
+        data_dir: unused (the data ships with scikit-learn).
+
+    Returns:
+        A `Dataset` whose `y_train_clean` equals `y_train`.
+    """
+    # Imported here so that listing or checking dataset specs stays cheap.
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    digits = sklearn_load_digits()
+    # Pixel values are 0..16; rescale to the 0..255 range of every source.
+    images = np.round(digits.images * 255 / 16).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    train_ids, test_ids = stratified_split(labels, TEST_FRACTION, SPLIT_SEED)
+    return Dataset(
+        name="digits",
+        x_train=images[train_ids],
+        y_train=labels[train_ids],
+        x_test=images[test_ids],
+        y_test=labels[test_ids],
+        num_classes=10,
+        class_names=tuple(str(digit) for digit in range(10)),
+        y_train_clean=labels[train_ids].copy(),
+    )

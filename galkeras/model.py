@@ -1,0 +1,715 @@
+"""`GAL`: the Gradient Agreement Learning model, a subclassed `keras.Model`.
+
+It holds the twins θA, θB and the student θC, and drives the whole method from
+inside `fit`: warm-up, the warm-up switch, gradient-agreement updating with CDAS
+batches, and θC's pseudo-label supervision with a table refreshed every epoch.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+import keras
+
+from galkeras import agreement
+from galkeras import sampling
+from galkeras.distill import pseudo_label_loss
+from galkeras.training_set import TrainingSet
+
+MASKED_UPDATES = ("skip", "zero_grad")
+WARMUP, AGREEMENT = "warmup", "agreement"
+
+
+def optimizer_slots(optimizer, variables):
+    """For each variable, the optimizer variables created from it.
+
+    Keras names a slot `{variable.path with '/' -> '_'}_{slot}` (momentum, Adam's
+    moments, ...). This recovers that map for any Keras optimizer, so that the
+    `skip` update can keep a gated-off variable's slots bit-identical.
+    """
+    keys = [v.path.replace("/", "_") + "_" for v in variables]
+    if len(set(keys)) != len(keys):
+        raise ValueError(
+            "Two trainable variables of one twin share a path; GAL needs unique "
+            "variable paths to find their optimizer slots. Give the layers "
+            "unique names."
+        )
+    slots = [[] for _ in variables]
+    for slot in optimizer.variables:
+        best = None
+        for i, key in enumerate(keys):
+            if (
+                slot.name.startswith(key)
+                and tuple(slot.shape) == tuple(variables[i].shape)
+                and (best is None or len(key) > len(keys[best]))
+            ):
+                best = i
+        if best is not None:
+            slots[best].append(slot)
+    return slots
+
+
+def _clone_optimizer(optimizer):
+    return optimizer.__class__.from_config(optimizer.get_config())
+
+
+def _tf_variable(v):
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+@keras.saving.register_keras_serializable(package="galkeras")
+class GAL(keras.Model):
+    """Gradient Agreement Learning (Yan et al., Applied Sciences 2023).
+
+    Two twins θA and θB with identical initial weights train with cross entropy on
+    the annotated labels. During the first `warmup_epochs` epochs only θA trains;
+    then θB becomes an exact copy of θA (weights, non-trainable state and optimizer
+    slots). From there on, each step feeds the twins different batches of equal
+    class distribution (CDAS, §3.1), computes the cosine of their gradients for
+    every trainable variable (Eq. 4) and updates only the variables whose cosine
+    reaches `tau` (Eq. 5). The student θC learns at every step from the twins'
+    joint prediction with thresholded cross entropy plus KL (Eq. 9-11); θC is the
+    model that `predict` serves.
+
+    Args:
+        twin_a: `keras.Model` mapping images to logits (θA).
+        twin_b: `keras.Model` of the same architecture (θB). It is overwritten
+            with θA's weights at construction, so both start identical.
+        student: `keras.Model` mapping images to logits (θC); any architecture.
+        warmup_epochs: int W, epochs of plain cross entropy on θA alone.
+        tau: float in [-1, 1], the agreement threshold τ (paper: 0.4).
+        epsilon: float in [0, 1), the pseudo-label confidence threshold ε (0.8).
+        update_rule: `"agreement"` (default), `"random"` (each variable pair
+            updated with probability `random_update_prob`) or `"all"` (no gating;
+            the agreement is still measured).
+        random_update_prob: p of the `random` rule (paper: 0.8/0.5/0.2/0.6).
+        masked_update: `"skip"` (default: a gated-off variable and its optimizer
+            slots do not move at all) or `"zero_grad"` (its gradient is zeroed and
+            the optimizer steps as usual, so momentum and weight decay still act).
+        train_student: bool; `False` trains the twins alone (a CE baseline when
+            `warmup_epochs` equals the number of epochs).
+        seed: int, seed of the `random` rule's draws.
+
+    Example:
+    ```python
+    make = lambda name: galkeras.backbones.small_cnn((8, 8, 1), 10, [0], [1], name=name)
+    gal = galkeras.GAL(make("twin_a"), make("twin_b"), make("student"), warmup_epochs=4)
+    gal.compile(optimizer=galkeras.optimizers.SGD(0.05))
+    gal.fit(x_train, noisy_labels, batch_size=64, epochs=10,
+            validation_data=(x_test, y_test))
+    probabilities = gal.predict(x_test)  # θC's class probabilities
+    ```
+
+    Reference: Yan, Tian, Jiang, Chen, "Gradient Agreement Hinders the
+    Memorization of Noisy Labels", Applied Sciences 13(3):1823, 2023.
+    """
+
+    def __init__(
+        self,
+        twin_a,
+        twin_b,
+        student,
+        warmup_epochs,
+        tau=0.4,
+        epsilon=0.8,
+        update_rule="agreement",
+        random_update_prob=0.8,
+        masked_update="skip",
+        train_student=True,
+        seed=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if update_rule not in agreement.UPDATE_RULES:
+            raise ValueError(
+                f"update_rule must be one of {agreement.UPDATE_RULES}; "
+                f"got {update_rule!r}."
+            )
+        if masked_update not in MASKED_UPDATES:
+            raise ValueError(
+                f"masked_update must be one of {MASKED_UPDATES}; got {masked_update!r}."
+            )
+        if not -1.0 <= tau <= 1.0:
+            raise ValueError(f"tau must be in [-1, 1]; got {tau}.")
+        if not 0.0 <= epsilon < 1.0:
+            raise ValueError(f"epsilon must be in [0, 1); got {epsilon}.")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0; got {warmup_epochs}.")
+        # === Layers ===
+        self.twin_a = twin_a
+        self.twin_b = twin_b
+        self.student = student
+        # === Config ===
+        self.warmup_epochs = int(warmup_epochs)
+        self.tau = float(tau)
+        self.epsilon = float(epsilon)
+        self.update_rule = update_rule
+        self.random_update_prob = float(random_update_prob)
+        self.masked_update = masked_update
+        self.train_student = bool(train_student)
+        self.seed = int(seed)
+        # === State ===
+        a_shapes = [tuple(v.shape) for v in twin_a.weights]
+        if a_shapes != [tuple(v.shape) for v in twin_b.weights]:
+            raise ValueError("twin_a and twin_b must have the same architecture.")
+        twin_b.set_weights(twin_a.get_weights())
+        # 1 once θB has been split off θA at the warm-up switch; saved with the
+        # weights so that a resumed run never copies θA over a trained θB again.
+        self.twins_split = self.add_weight(
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            name="twins_split",
+        )
+        self.phase = WARMUP
+        self.pseudo_labels = None
+        self.pseudo_label_stats = {}
+        self._slots = None
+        self._variable_sizes = tf.constant(
+            [float(np.prod(v.shape)) for v in twin_a.trainable_variables], tf.float32
+        )
+        # === Metrics ===
+        mean = keras.metrics.Mean
+        acc = keras.metrics.SparseCategoricalAccuracy
+        self._train_trackers = {
+            "loss": mean(name="student_loss"),
+            "twin_a_loss": mean(name="twin_a_loss"),
+            "twin_b_loss": mean(name="twin_b_loss"),
+            "twin_a_accuracy": acc(name="twin_a_train_accuracy"),
+            "twin_b_accuracy": acc(name="twin_b_train_accuracy"),
+            "agreement": mean(name="mean_agreement"),
+            "agreement_ratio": mean(name="agreement_ratio"),
+            "agreement_param_ratio": mean(name="agreement_param_ratio"),
+            "updated_ratio": mean(name="updated_ratio"),
+        }
+        self._test_trackers = {
+            "loss": mean(name="test_student_loss"),
+            "twin_a_accuracy": acc(name="test_twin_a_accuracy"),
+            "twin_b_accuracy": acc(name="test_twin_b_accuracy"),
+            "joint_accuracy": acc(name="test_joint_accuracy"),
+            "student_accuracy": acc(name="test_student_accuracy"),
+        }
+        # Per-variable share of steps with an open gate (per-layer diagnostics).
+        num_vars = len(twin_a.trainable_variables)
+        self.variable_open_fraction = VectorMean(
+            num_vars, name="variable_open_fraction"
+        )
+        self.built = all(m.built for m in (twin_a, twin_b, student))
+
+    @classmethod
+    def from_backbone(cls, backbone_fn, student_fn=None, **kwargs):
+        """Builds θA and θB with one factory (`backbone_fn(name=...)`), and θC with
+        `student_fn` (default: the same factory)."""
+        student_fn = student_fn or backbone_fn
+        return cls(
+            backbone_fn(name="twin_a"),
+            backbone_fn(name="twin_b"),
+            student_fn(name="student"),
+            **kwargs,
+        )
+
+    def build(self, input_shape=None):
+        for net in (self.twin_a, self.twin_b, self.student):
+            if not net.built:
+                net.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=False):
+        """θC's logits: the student is the model GAL reports and serves."""
+        return self.student(inputs, training=training)
+
+    # --------------------------------------------------------------- compile
+    def compile(
+        self,
+        optimizer="sgd",
+        student_optimizer=None,
+        twin_b_optimizer=None,
+        **kwargs,
+    ):
+        """Configures the three optimizers.
+
+        Args:
+            optimizer: θA's optimizer. θB gets an exact clone of it (their slots
+                are made identical at the warm-up switch).
+            student_optimizer: θC's optimizer; a clone of `optimizer` if omitted.
+            twin_b_optimizer: θB's optimizer; a clone of `optimizer` if omitted.
+            **kwargs: `keras.Model.compile` arguments such as `jit_compile` and
+                `steps_per_execution`. Losses and metrics are GAL's own.
+        """
+        for arg in ("loss", "metrics", "weighted_metrics", "loss_weights"):
+            if kwargs.get(arg) is not None:
+                raise ValueError(
+                    f"GAL.compile does not take `{arg}`: GAL's losses are fixed by "
+                    "the method (CE for the twins, Eq. 9-11 for the student)."
+                )
+        optimizer = keras.optimizers.get(optimizer)
+        super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer_b = (
+            keras.optimizers.get(twin_b_optimizer)
+            if (twin_b_optimizer is not None)
+            else _clone_optimizer(optimizer)
+        )
+        self.student_optimizer = (
+            keras.optimizers.get(student_optimizer)
+            if (student_optimizer is not None)
+            else _clone_optimizer(optimizer)
+        )
+        self._compile_config = keras.src.saving.serialization_lib.SerializableDict(
+            optimizer=optimizer,
+            student_optimizer=self.student_optimizer,
+            twin_b_optimizer=self.optimizer_b,
+            **kwargs,
+        )
+        self._slots = None
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self._build_optimizers()
+
+    def _build_optimizers(self):
+        """Builds each optimizer on its own network's variables only."""
+        pairs = (
+            (self.optimizer, self.twin_a),
+            (self.optimizer_b, self.twin_b),
+            (self.student_optimizer, self.student),
+        )
+        for opt, net in pairs:
+            if not opt.built:
+                opt.build(net.trainable_variables)
+        if self._slots is None:
+            self._slots = (
+                optimizer_slots(self.optimizer, self.twin_a.trainable_variables),
+                optimizer_slots(self.optimizer_b, self.twin_b.trainable_variables),
+            )
+
+    @property
+    def metrics(self):
+        return [
+            *self._train_trackers.values(),
+            *self._test_trackers.values(),
+            self.variable_open_fraction,
+        ]
+
+    # ---------------------------------------------------------- phase switch
+    def enter_epoch(self, epoch):
+        """Sets the phase for `epoch`; at the first agreement epoch, splits θB off θA.
+
+        Called by `fit` at the start of every epoch. θB becomes an exact copy of
+        θA in weights, non-trainable state (BatchNorm statistics) and optimizer
+        state (slots and iteration count), then trains on its own (§4.4).
+        """
+        phase = AGREEMENT if epoch >= self.warmup_epochs else WARMUP
+        if phase == AGREEMENT and int(self.twins_split.numpy()) == 0:
+            self.copy_twin_a_to_b()
+        if phase != self.phase:
+            self.phase = phase
+            self.make_train_function(force=True)
+
+    def copy_twin_a_to_b(self):
+        """θB := θA, weights and optimizer state, bit for bit."""
+        self._build_optimizers()
+        for source, target in zip(self.twin_a.weights, self.twin_b.weights):
+            target.assign(source)
+        if len(self.optimizer.variables) != len(self.optimizer_b.variables):
+            raise ValueError("twin_a's and twin_b's optimizers differ in structure.")
+        for source, target in zip(self.optimizer.variables, self.optimizer_b.variables):
+            target.assign(source)
+        self.twins_split.assign(1)
+
+    # ------------------------------------------------------------ train step
+    def train_step(self, data):
+        if self.phase == WARMUP:
+            logs = self._warmup_step(data)
+        else:
+            logs = self._agreement_step(data)
+        if self.train_student:
+            self._student_step(data["image_a"], data["id_a"])
+        return {name: t.result() for name, t in self._train_trackers.items()}
+
+    def _cross_entropy(self, net, images, labels, tracker_prefix):
+        """Mean CE of `net` on its local batch, and the replica-scaled loss."""
+        logits = net(images, training=True)
+        loss = keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
+        )
+        self._train_trackers[f"{tracker_prefix}_loss"].update_state(loss)
+        self._train_trackers[f"{tracker_prefix}_accuracy"].update_state(labels, logits)
+        # The optimizer sums gradients over replicas, so each replica contributes
+        # its mean divided by the replica count (KERAS_TF_NOTES.md).
+        return loss / self.distribute_strategy.num_replicas_in_sync
+
+    def _warmup_step(self, data):
+        """Phase 1: plain cross entropy on θA alone."""
+        variables = self.twin_a.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = self._cross_entropy(
+                self.twin_a, data["image_a"], data["label_a"], "twin_a"
+            )
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply(grads, variables)
+
+    def _agreement_step(self, data):
+        """Phase 2: gradient agreement updating (§3.2, Eq. 4-5)."""
+        vars_a = self.twin_a.trainable_variables
+        vars_b = self.twin_b.trainable_variables
+        with tf.GradientTape() as tape_a:
+            loss_a = self._cross_entropy(
+                self.twin_a, data["image_a"], data["label_a"], "twin_a"
+            )
+        with tf.GradientTape() as tape_b:
+            loss_b = self._cross_entropy(
+                self.twin_b, data["image_b"], data["label_b"], "twin_b"
+            )
+        grads_a = tape_a.gradient(loss_a, vars_a)
+        grads_b = tape_b.gradient(loss_b, vars_b)
+        grads_a = [tf.convert_to_tensor(g) for g in grads_a]
+        grads_b = [tf.convert_to_tensor(g) for g in grads_b]
+
+        # The cosine must be taken on the *global* gradients, so that every
+        # replica computes the same gates. The optimizer still receives the local
+        # gradients and sums them itself, so nothing is reduced twice.
+        global_a, global_b = grads_a, grads_b
+        replica = tf.distribute.get_replica_context()
+        if self.distribute_strategy.num_replicas_in_sync > 1 and replica is not None:
+            global_a = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads_a)
+            global_b = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads_b)
+        coefficients = agreement.gradient_agreement(global_a, global_b)
+        agreed = agreement.agreement_gates(coefficients, self.tau)
+        if self.update_rule == "agreement":
+            gates = agreed
+        elif self.update_rule == "random":
+            step = tf.cast(self.optimizer.iterations, tf.int32)
+            gates = agreement.random_gates(
+                len(vars_a), self.random_update_prob, tf.stack([self.seed, step])
+            )
+        else:
+            gates = tf.ones_like(agreed)
+
+        var_frac, param_frac = agreement.open_fractions(agreed, self._variable_sizes)
+        updated_frac, _ = agreement.open_fractions(gates, self._variable_sizes)
+        self._train_trackers["agreement"].update_state(tf.reduce_mean(coefficients))
+        self._train_trackers["agreement_ratio"].update_state(var_frac)
+        self._train_trackers["agreement_param_ratio"].update_state(param_frac)
+        self._train_trackers["updated_ratio"].update_state(updated_frac)
+        self.variable_open_fraction.update_state(tf.cast(agreed, tf.float32))
+
+        slots_a, slots_b = self._slots
+        self._gated_apply(self.optimizer, grads_a, vars_a, slots_a, gates)
+        self._gated_apply(self.optimizer_b, grads_b, vars_b, slots_b, gates)
+
+    def _gated_apply(self, optimizer, grads, variables, slots, gates):
+        """Applies `grads` to the variables whose gate is open.
+
+        `zero_grad`: the gradient is multiplied by the gate and the optimizer steps
+        as usual. `skip`: the optimizer steps, then every gated-off variable and
+        all its slots are put back to their values before the step, so they stay
+        bit-identical whatever the optimizer does (momentum, Adam moments, weight
+        decay).
+        """
+        if self.update_rule == "all":
+            optimizer.apply(grads, variables)
+            return
+        gate_list = tf.unstack(gates)
+        if self.masked_update == "zero_grad":
+            optimizer.apply(
+                [g * tf.cast(s, g.dtype) for g, s in zip(grads, gate_list)], variables
+            )
+            return
+        targets, saved, target_gates = [], [], []
+        for v, var_slots, gate in zip(variables, slots, gate_list):
+            for t in (v, *var_slots):
+                targets.append(_tf_variable(t))
+                saved.append(tf.identity(t.value))
+                target_gates.append(gate)
+        optimizer.apply(grads, variables)
+
+        def restore(distribution, targets, saved, gates):
+            def put_back(var, old, gate):
+                return tf.cond(
+                    gate, lambda: tf.constant(True), lambda: _assign(var, old)
+                )
+
+            for var, old, gate in zip(targets, saved, gates):
+                distribution.extended.update(
+                    var, put_back, args=(old, gate), group=False
+                )
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            restore, self.distribute_strategy, targets, saved, target_gates
+        )
+
+    def _student_step(self, images, ids):
+        """θC's step on θA's batch: `L_c + L_d` against the pseudo-label table."""
+        teacher = tf.gather(self.pseudo_labels, ids)
+        variables = self.student.trainable_variables
+        with tf.GradientTape() as tape:
+            logits = self.student(images, training=True)
+            loss = keras.ops.mean(pseudo_label_loss(teacher, logits, self.epsilon))
+            scaled = loss / self.distribute_strategy.num_replicas_in_sync
+        grads = tape.gradient(scaled, variables)
+        self.student_optimizer.apply(grads, variables)
+        self._train_trackers["loss"].update_state(loss)
+
+    # ------------------------------------------------------------- test step
+    def _twin_probabilities(self, images):
+        """`(softmax θA, softmax θB)`; before the split θB is θA (spec)."""
+        p_a = tf.nn.softmax(tf.cast(self.twin_a(images, training=False), tf.float32))
+        p_b = tf.nn.softmax(tf.cast(self.twin_b(images, training=False), tf.float32))
+        return p_a, tf.where(self.twins_split > 0, p_b, p_a)
+
+    def joint_probabilities(self, images):
+        """Eq. (6): `p_joint = (softmax θA(x) + softmax θB(x)) / 2`, inference mode."""
+        p_a, p_b = self._twin_probabilities(tf.cast(images, tf.float32))
+        return 0.5 * (p_a + p_b)
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        images = tf.cast(images, tf.float32)
+        p_a, p_b = self._twin_probabilities(images)
+        logits_c = self.student(images, training=False)
+        t = self._test_trackers
+        t["loss"].update_state(
+            keras.ops.mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    labels, logits_c, from_logits=True
+                )
+            )
+        )
+        t["twin_a_accuracy"].update_state(labels, p_a)
+        t["twin_b_accuracy"].update_state(labels, p_b)
+        t["joint_accuracy"].update_state(labels, 0.5 * (p_a + p_b))
+        t["student_accuracy"].update_state(labels, logits_c)
+        return {name: tracker.result() for name, tracker in t.items()}
+
+    def predict_step(self, data):
+        """θC's class probabilities."""
+        images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits = self.student(tf.cast(images, tf.float32), training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32))
+
+    # ---------------------------------------------------------------- fit
+    def refresh_pseudo_labels(self, training_set, batch_size=None):
+        """Recomputes `p_joint` for every training sample (§3.3, Eq. 6-8).
+
+        Runs in inference mode on the un-augmented images and stores the result in
+        the table θC's steps look up by sample id. Also records, in
+        `pseudo_label_stats`: the coverage (share with `max p_joint > epsilon`), the
+        joint prediction's agreement with the annotated labels, and, when clean
+        labels are known, the pseudo-labels' precision and clean accuracy.
+        """
+        batch_size = batch_size or max(training_set.batch_size, 256)
+        probs = np.zeros(
+            (training_set.num_examples, training_set.num_classes), np.float32
+        )
+        if not hasattr(self, "_joint_fn"):
+            self._joint_fn = tf.function(
+                self.joint_probabilities, reduce_retracing=True
+            )
+        for batch in sampling.inference_dataset(training_set.images, batch_size):
+            probs[batch["id"].numpy()] = self._joint_fn(batch["image"]).numpy()
+        if self.pseudo_labels is None or tuple(self.pseudo_labels.shape) != probs.shape:
+            with self.distribute_strategy.scope():
+                self.pseudo_labels = tf.Variable(probs, trainable=False, name="p_joint")
+        else:
+            self.pseudo_labels.assign(probs)
+        self.pseudo_label_stats = pseudo_label_statistics(
+            probs, training_set.labels, training_set.clean_labels, self.epsilon
+        )
+        return probs
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_data=None,
+        initial_epoch=0,
+        **kwargs,
+    ):
+        """Trains GAL. Takes a `galkeras.TrainingSet`, or images `x` with labels `y`.
+
+        The paired CDAS batches, the warm-up switch and the pseudo-label refresh
+        are all driven from here, so `gal.fit(x, y, epochs=E)` needs no extra
+        wiring. Other arguments are those of `keras.Model.fit`; `steps_per_epoch`
+        is fixed to ⌈N / batch_size⌉ and `shuffle` is replaced by the CDAS plan.
+        """
+        if isinstance(x, tf.data.Dataset):
+            raise TypeError(
+                "GAL.fit takes images and labels (arrays) or a galkeras.TrainingSet, "
+                "not a tf.data.Dataset: CDAS and the pseudo-label refresh need random "
+                "access to the whole training set. Wrap your arrays in "
+                "galkeras.TrainingSet(images, labels, batch_size=..., augment=...)."
+            )
+        for arg in ("steps_per_epoch", "shuffle", "validation_split", "sample_weight"):
+            if kwargs.pop(arg, None) not in (None, True):
+                raise ValueError(f"GAL.fit does not support `{arg}`.")
+        if isinstance(x, TrainingSet):
+            if y is not None or batch_size is not None:
+                raise ValueError(
+                    "Pass labels and batch_size inside the TrainingSet, not to fit()."
+                )
+            training_set = x
+        else:
+            training_set = TrainingSet(
+                x,
+                y,
+                batch_size=batch_size or 32,
+                num_classes=self.student.output_shape[-1],
+            )
+        if self.optimizer is None:
+            raise ValueError("Call GAL.compile(optimizer=...) before fit().")
+        self._build_optimizers()
+        steps = training_set.steps_per_epoch
+        sampler = sampling.CDASSampler(
+            training_set.labels,
+            training_set.batch_size,
+            num_classes=training_set.num_classes,
+            mode=training_set.sampling,
+            seed=training_set.seed,
+            warmup_steps=self.warmup_epochs * steps,
+        )
+        driver = _GALDriver(self, training_set, sampler)
+        dataset = sampling.paired_dataset(
+            sampler,
+            training_set.images,
+            training_set.labels,
+            start_step=driver.start_step,
+            augment=training_set.augment,
+        )
+        self.sampler = sampler
+        self.enter_epoch(initial_epoch)
+        self.make_train_function(force=True)
+        return super().fit(
+            dataset,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=[*(callbacks or []), driver],
+            validation_data=validation_data,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            shuffle=False,
+            **kwargs,
+        )
+
+    # --------------------------------------------------------------- config
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "twin_a": keras.saving.serialize_keras_object(self.twin_a),
+                "twin_b": keras.saving.serialize_keras_object(self.twin_b),
+                "student": keras.saving.serialize_keras_object(self.student),
+                "warmup_epochs": self.warmup_epochs,
+                "tau": self.tau,
+                "epsilon": self.epsilon,
+                "update_rule": self.update_rule,
+                "random_update_prob": self.random_update_prob,
+                "masked_update": self.masked_update,
+                "train_student": self.train_student,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("twin_a", "twin_b", "student"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+class VectorMean(keras.metrics.Metric):
+    """Element-wise running mean of a fixed-length vector (per-variable gates)."""
+
+    def __init__(self, length, name="vector_mean", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.length = int(length)
+        self.total = self.add_variable(
+            shape=(self.length,), initializer="zeros", name="total"
+        )
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, values):
+        self.total.assign_add(tf.cast(values, self.dtype))
+        self.count.assign_add(1.0)
+
+    def result(self):
+        return self.total / keras.ops.maximum(self.count, 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "length": self.length}
+
+
+def _assign(var, value):
+    var.assign(value)
+    return tf.constant(True)
+
+
+def pseudo_label_statistics(probabilities, labels, clean_labels, epsilon):
+    """Coverage and precision of the pseudo-labels (spec, Evaluation).
+
+    Returns a dict of fractions in [0, 1]: `pseudo_label_coverage` (share with
+    `max p_joint > epsilon`), `train_label_agreement` (argmax p_joint equals the
+    annotated label: how far the twins fit the noisy labels), and with clean labels
+    `pseudo_label_precision` (confident pseudo-labels equal to the clean label) and
+    `train_clean_accuracy`.
+    """
+    predicted = probabilities.argmax(axis=1)
+    confident = probabilities.max(axis=1) > epsilon
+    stats = {
+        "pseudo_label_coverage": float(confident.mean()),
+        "train_label_agreement": float((predicted == labels).mean()),
+    }
+    if clean_labels is not None:
+        correct = predicted == clean_labels
+        stats["pseudo_label_precision"] = (
+            float(correct[confident].mean()) if confident.any() else float("nan")
+        )
+        stats["train_clean_accuracy"] = float(correct.mean())
+    return stats
+
+
+class _GALDriver(keras.callbacks.Callback):
+    """Installed by `GAL.fit`: moves the batch plan, the phase and the table.
+
+    At the start of every epoch it (1) on the first epoch of this `fit`, points the
+    CDAS stream at that epoch's first global step (honouring `initial_epoch` and
+    `BackupAndRestore`), (2) enters the epoch's phase, splitting θB off θA at the
+    warm-up switch, and (3) refreshes the pseudo-label table. At the end of every
+    epoch it adds the pseudo-label statistics to the epoch's logs.
+    """
+
+    def __init__(self, gal, training_set, sampler):
+        super().__init__()
+        self._gal = gal
+        self._training_set = training_set
+        self._sampler = sampler
+        self._start_step = 0
+        self._started = False
+
+    def start_step(self):
+        return self._start_step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._started:
+            self._start_step = epoch * self._training_set.steps_per_epoch
+            self._started = True
+        self._gal.enter_epoch(epoch)
+        self._gal.refresh_pseudo_labels(self._training_set)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._gal.pseudo_label_stats)
+            logs["cdas_fallbacks"] = float(self._sampler.fallback_count)
+        # Per-variable open fractions of this epoch, for per-layer diagnostics.
+        self._gal.epoch_variable_open_fraction = (
+            self._gal.variable_open_fraction.result().numpy()
+        )

@@ -1,0 +1,419 @@
+"""Class distribution agreement sampling (CDAS, paper §3.1, Figure 3).
+
+`CDASSampler` plans, for every global step, which sample indices θA and θB
+train on. A plan is a pure function of `(seed, step)`, so a run resumed at
+step `s` sees exactly the batches an uninterrupted run would have seen, and
+parallel `tf.data` threads may ask for steps in any order.
+
+`paired_dataset` turns those plans into a `tf.data` pipeline of twin batches;
+`inference_dataset` walks the whole training set in order for the per-epoch
+pseudo-label refresh (θC, §3.3).
+"""
+
+import collections
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
+
+# Third entropy word of every `np.random.default_rng([seed, n, ID])`, so that
+# pass permutations, the second (random-mode) stream and the matched draws
+# never share a generator.
+_STREAM_IDS = (0x5EED0, 0x5EED1)
+_MATCH_ID = 0x3A7C4
+
+# Pass permutations kept per sampler; parallel map threads straddle at most a
+# pass boundary, in up to two streams.
+_CACHED_PASSES = 6
+
+
+class CDASSampler:
+    """Plans the twin batches of Gradient Agreement Learning.
+
+    Free batches walk an endless stream of shuffled passes over the training
+    set S: pass `p` is `np.random.default_rng([seed, p, STREAM_ID])
+    .permutation(N)` and free batch `k` is entries `k*bs … (k+1)*bs - 1` of
+    the concatenated passes, so one batch may straddle two passes. Every batch
+    holds exactly `batch_size` indices, which keeps shapes static for XLA and
+    `tf.distribute`.
+
+    During warm-up (`step < warmup_steps`) θA trains on free batch `step` and
+    θB is given the same indices (it does not train). Afterwards, with
+    `t = step - warmup_steps`, the mode decides the pair:
+
+    - `"cdas"`: cycles of four steps over two pairs (F, M) and (F', M'), each
+      M matched to its F: (F, M), (M, F), (M', F'), (F', M'). A cycle
+      consumes two free batches.
+    - `"cdas_no_reverse"`: the same role pattern, but every step draws a new
+      pair, so each step consumes one free batch.
+    - `"random"`: θA's batch comes from the main stream and θB's from a second,
+      independent stream.
+    - `"identical"`: θB trains on θA's batch.
+
+    A matched batch M holds, for every class j, as many samples of annotated
+    class j as F does, drawn from S − F without replacement. When class j has
+    too few samples outside F, the remainder is drawn with replacement from
+    class j outside F, or from all of class j when none lies outside F; each
+    such class counts once in `fallback_count`.
+
+    Args:
+        labels: int array of shape `[N]`, the annotated (possibly noisy)
+            labels. The returned indices are positions in it and double as
+            sample ids.
+        batch_size: int, indices per batch, `1 <= batch_size <= N`.
+        num_classes: int or None, number of classes K. Defaults to
+            `max(labels) + 1`.
+        mode: str, one of `SAMPLING_MODES`.
+        seed: int, seeds every draw.
+        warmup_steps: int, global steps of the warm-up phase (W epochs times
+            `steps_per_epoch`).
+
+    Example:
+
+    >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    >>> sampler = CDASSampler(labels, batch_size=4, warmup_steps=3)
+    >>> sampler.steps_per_epoch
+    3
+    >>> idx_a, idx_b = sampler.plan(3)
+    >>> bool(np.all(np.sort(labels[idx_a]) == np.sort(labels[idx_b])))
+    True
+
+    Reference:
+        Yan, Tian, Jiang, Chen. "Gradient Agreement Hinders the Memorization
+        of Noisy Labels". Applied Sciences 13(3), 1823 (2023), §3.1.
+    """
+
+    def __init__(
+        self,
+        labels,
+        batch_size,
+        *,
+        num_classes=None,
+        mode="cdas",
+        seed=0,
+        warmup_steps=0,
+    ):
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.size == 0:
+            raise ValueError(
+                f"`labels` must be a non-empty 1-D array, got shape {labels.shape}."
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"`labels` must be integers, got dtype {labels.dtype}.")
+        num_examples = labels.size
+        if not 1 <= batch_size <= num_examples:
+            raise ValueError(
+                f"`batch_size` must be in [1, {num_examples}], got {batch_size}."
+            )
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"`mode` must be one of {SAMPLING_MODES}, got {mode!r}.")
+        if num_classes is None:
+            num_classes = int(labels.max()) + 1
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(
+                f"`labels` must lie in [0, {num_classes}), got values in "
+                f"[{labels.min()}, {labels.max()}]."
+            )
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}.")
+
+        # === Config ===
+        self.labels = labels.astype(np.int64)
+        self.labels.flags.writeable = False
+        self.batch_size = int(batch_size)
+        self.num_classes = int(num_classes)
+        self.mode = mode
+        self.seed = int(seed)
+        self.warmup_steps = int(warmup_steps)
+        self.num_examples = num_examples
+        self.steps_per_epoch = -(-num_examples // self.batch_size)
+
+        # === State ===
+        order = np.argsort(self.labels, kind="stable")
+        class_sizes = np.bincount(self.labels, minlength=self.num_classes)
+        self._members = np.split(order, np.cumsum(class_sizes)[:-1])
+        self._passes = collections.OrderedDict()
+        self._passes_lock = threading.Lock()
+        self._fallback_count = 0
+        self._fallback_lock = threading.Lock()
+
+    @property
+    def fallback_count(self):
+        """Classes-in-batch whose matched draw needed a fallback, so far."""
+        with self._fallback_lock:
+            return self._fallback_count
+
+    def _pass_permutation(self, stream, pass_number):
+        key = (stream, pass_number)
+        with self._passes_lock:
+            if key in self._passes:
+                self._passes.move_to_end(key)
+                return self._passes[key]
+        # Computed outside the lock: at N = 1M it takes tens of milliseconds.
+        rng = np.random.default_rng([self.seed, pass_number, _STREAM_IDS[stream]])
+        permutation = rng.permutation(self.num_examples)
+        permutation.flags.writeable = False
+        with self._passes_lock:
+            self._passes[key] = permutation
+            while len(self._passes) > _CACHED_PASSES:
+                self._passes.popitem(last=False)
+        return permutation
+
+    def free_batch(self, k, stream=0):
+        """Free batch number `k` of stream `stream` (0: main, 1: random mode's B).
+
+        Returns:
+            A new int64 array of `batch_size` indices.
+        """
+        if k < 0:
+            raise ValueError(f"Free batch number must be >= 0, got {k}.")
+        if stream not in (0, 1):
+            raise ValueError(f"`stream` must be 0 or 1, got {stream}.")
+        start = k * self.batch_size
+        pass_number, offset = divmod(start, self.num_examples)
+        first = self._pass_permutation(stream, pass_number)
+        end = offset + self.batch_size
+        if end <= self.num_examples:
+            return first[offset:end].copy()
+        second = self._pass_permutation(stream, pass_number + 1)
+        return np.concatenate([first[offset:], second[: end - self.num_examples]])
+
+    def matched_batch(self, free_idx, rng):
+        """A batch with `free_idx`'s class counts, drawn from S − free_idx.
+
+        Args:
+            free_idx: int array, the free batch F (may hold a duplicate when it
+                straddles two passes; counts are taken over the multiset).
+            rng: `np.random.Generator` for the draw.
+
+        Returns:
+            A shuffled int64 array of `len(free_idx)` indices.
+        """
+        free_idx = np.asarray(free_idx, dtype=np.int64)
+        free_unique = np.unique(free_idx)
+        wanted = np.bincount(self.labels[free_idx], minlength=self.num_classes)
+        inside = np.bincount(self.labels[free_unique], minlength=self.num_classes)
+        parts = [
+            self._draw_class(j, int(wanted[j]), int(inside[j]), free_unique, rng)
+            for j in np.flatnonzero(wanted)
+        ]
+        return rng.permutation(np.concatenate(parts)).astype(np.int64, copy=False)
+
+    def _draw_class(self, class_id, count, count_in_free, free_unique, rng):
+        members = self._members[class_id]
+        if members.size - count_in_free >= count:
+            # Oversample by the members of F this class holds, then drop them:
+            # O(batch) per class (Floyd's algorithm) instead of O(class size).
+            candidates = rng.choice(members, size=count + count_in_free, replace=False)
+            outside = ~np.isin(candidates, free_unique, assume_unique=True)
+            return candidates[outside][:count]
+        with self._fallback_lock:
+            self._fallback_count += 1
+        # Only small classes get here: members.size < count + count_in_free.
+        outside = members[~np.isin(members, free_unique, assume_unique=True)]
+        if outside.size == 0:
+            return rng.choice(members, size=count, replace=True)
+        refill = rng.choice(outside, size=count - outside.size, replace=True)
+        return np.concatenate([outside, refill])
+
+    def _free_and_matched(self, free_number):
+        free = self.free_batch(free_number)
+        rng = np.random.default_rng([self.seed, free_number, _MATCH_ID])
+        return free, self.matched_batch(free, rng)
+
+    def plan(self, step):
+        """Indices θA and θB train on at global step `step`.
+
+        Returns:
+            `(idx_a, idx_b)`, two int64 arrays of `batch_size` indices.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"`step` must be >= 0, got {step}.")
+        if step < self.warmup_steps:
+            idx_a = self.free_batch(step)
+            return idx_a, idx_a.copy()
+        t = step - self.warmup_steps
+        base = self.warmup_steps
+        if self.mode == "identical":
+            idx_a = self.free_batch(base + t)
+            return idx_a, idx_a.copy()
+        if self.mode == "random":
+            idx_a = self.free_batch(base + t, stream=0)
+            return idx_a, self.free_batch(base + t, stream=1)
+        if self.mode == "cdas":
+            # Two free batches per four-step cycle: steps 1-2 share (F, M),
+            # steps 3-4 share (F', M').
+            free_number = base + 2 * (t // 4) + (1 if t % 4 >= 2 else 0)
+        else:
+            free_number = base + t
+        free, matched = self._free_and_matched(free_number)
+        # Figure 3 roles: (F, M), (M, F), (M', F'), (F', M').
+        if t % 4 in (0, 3):
+            return free, matched
+        return matched, free
+
+
+def make_pair_loader(sampler, images, labels):
+    """The function `paired_dataset` maps over global steps.
+
+    It runs `sampler.plan(step)` and gathers both batches from the in-memory
+    arrays in one `tf.numpy_function`, so the image array never becomes a
+    graph constant. It works eagerly and inside `tf.data.Dataset.map`.
+
+    Args:
+        sampler: `CDASSampler`.
+        images: uint8 array `[N, H, W, C]`.
+        labels: int array `[N]`, the annotated labels.
+
+    Returns:
+        `load(step) -> dict` with `image_a` (float32 `[bs, H, W, C]`, 0–255),
+        `label_a` (int32 `[bs]`), `id_a` (int64 `[bs]`) and the same for `_b`.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels).astype(np.int32)
+    if images.ndim != 4:
+        raise ValueError(f"`images` must be [N, H, W, C], got shape {images.shape}.")
+    if not len(images) == len(labels) == sampler.num_examples:
+        raise ValueError(
+            f"`images` ({len(images)}), `labels` ({len(labels)}) and the sampler "
+            f"({sampler.num_examples}) must hold the same number of examples."
+        )
+    image_dtype = tf.as_dtype(images.dtype)
+    batch_size = sampler.batch_size
+    image_shape = (batch_size,) + images.shape[1:]
+
+    def gather(step):
+        idx_a, idx_b = sampler.plan(step)
+        return (
+            images[idx_a],
+            labels[idx_a],
+            idx_a,
+            images[idx_b],
+            labels[idx_b],
+            idx_b,
+        )
+
+    def load(step):
+        outputs = tf.numpy_function(
+            gather,
+            [step],
+            [image_dtype, tf.int32, tf.int64] * 2,
+            stateful=False,
+        )
+        element = {}
+        for suffix, (image, label, ids) in zip(("a", "b"), (outputs[:3], outputs[3:])):
+            image = tf.ensure_shape(image, image_shape)
+            element[f"image_{suffix}"] = tf.cast(image, tf.float32)
+            element[f"label_{suffix}"] = tf.ensure_shape(label, (batch_size,))
+            element[f"id_{suffix}"] = tf.ensure_shape(ids, (batch_size,))
+        return element
+
+    return load
+
+
+def paired_dataset(
+    sampler,
+    images,
+    labels,
+    *,
+    start_step,
+    augment=None,
+    num_parallel_calls=tf.data.AUTOTUNE,
+):
+    """An endless `tf.data.Dataset` of twin batches, one element per step.
+
+    Args:
+        sampler: `CDASSampler`, plans the indices of every step.
+        images: uint8 array `[N, H, W, C]`, held in memory.
+        labels: int array `[N]`, the annotated labels.
+        start_step: int, or a zero-argument callable returning one. The
+            callable is called each time an iterator is created, so a training
+            loop can choose where the stream resumes.
+        augment: optional function on a float32 image batch, applied to
+            `image_a` and `image_b` separately (e.g. Keras preprocessing
+            layers).
+        num_parallel_calls: parallelism of the load and augment maps.
+
+    Returns:
+        A dataset of dicts `{"image_a", "label_a", "id_a", "image_b",
+        "label_b", "id_b"}`, see `make_pair_loader`. Images are float32 on a
+        0–255 scale; the model normalises them. Every component is batched, so
+        `tf.distribute` can split it across replicas.
+    """
+    if not callable(start_step) and start_step < 0:
+        raise ValueError(f"`start_step` must be >= 0, got {start_step}.")
+
+    def first_step():
+        step = int(start_step() if callable(start_step) else start_step)
+        if step < 0:
+            raise ValueError(f"`start_step` must be >= 0, got {step}.")
+        return np.int64(step)
+
+    def steps_from(_):
+        # The numpy_function runs when the flat_map opens its inner dataset,
+        # i.e. once per new iterator.
+        start = tf.numpy_function(first_step, [], tf.int64, stateful=True)
+        return tf.data.Dataset.range(tf.reshape(start, []), 2**62)
+
+    load = make_pair_loader(sampler, images, labels)
+    dataset = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(steps_from)
+    dataset = dataset.map(
+        load, num_parallel_calls=num_parallel_calls, deterministic=True
+    )
+    if augment is not None:
+
+        def augment_pair(element):
+            return {
+                **element,
+                "image_a": augment(element["image_a"]),
+                "image_b": augment(element["image_b"]),
+            }
+
+        dataset = dataset.map(
+            augment_pair, num_parallel_calls=num_parallel_calls, deterministic=True
+        )
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.with_options(_data_sharded_options())
+
+
+def inference_dataset(images, batch_size):
+    """All N images in order, un-augmented, for the pseudo-label refresh.
+
+    Args:
+        images: uint8 array `[N, H, W, C]`, held in memory.
+        batch_size: int, images per batch; the last, partial batch is kept.
+
+    Returns:
+        A dataset of dicts `{"image": float32 [b, H, W, C], "id": int64 [b]}`.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"`images` must be [N, H, W, C], got shape {images.shape}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    image_dtype = tf.as_dtype(images.dtype)
+    image_shape = (None,) + images.shape[1:]
+
+    def load(ids):
+        batch = tf.numpy_function(
+            lambda i: images[i], [ids], image_dtype, stateful=False
+        )
+        batch = tf.ensure_shape(batch, image_shape)
+        return {"image": tf.cast(batch, tf.float32), "id": ids}
+
+    dataset = tf.data.Dataset.range(len(images)).batch(batch_size)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.with_options(_data_sharded_options())
+
+
+def _data_sharded_options():
+    options = tf.data.Options()
+    # Elements are generated, not read from files: shard by element.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return options
