@@ -5,13 +5,11 @@ inside `fit`: warm-up, the warm-up switch, gradient-agreement updating with CDAS
 batches, and θC's pseudo-label supervision with a table refreshed every epoch.
 """
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-import keras
-
-from galkeras import agreement
-from galkeras import sampling
+from galkeras import agreement, sampling
 from galkeras.distill import pseudo_label_loss
 from galkeras.training_set import TrainingSet
 
@@ -169,26 +167,27 @@ class GAL(keras.Model):
             [float(np.prod(v.shape)) for v in twin_a.trainable_variables], tf.float32
         )
         # === Metrics ===
-        mean = keras.metrics.Mean
-        acc = keras.metrics.SparseCategoricalAccuracy
-        self._train_trackers = {
-            "loss": mean(name="student_loss"),
-            "twin_a_loss": mean(name="twin_a_loss"),
-            "twin_b_loss": mean(name="twin_b_loss"),
-            "twin_a_accuracy": acc(name="twin_a_train_accuracy"),
-            "twin_b_accuracy": acc(name="twin_b_train_accuracy"),
-            "agreement": mean(name="mean_agreement"),
-            "agreement_ratio": mean(name="agreement_ratio"),
-            "agreement_param_ratio": mean(name="agreement_param_ratio"),
-            "updated_ratio": mean(name="updated_ratio"),
-        }
-        self._test_trackers = {
-            "loss": mean(name="test_student_loss"),
-            "twin_a_accuracy": acc(name="test_twin_a_accuracy"),
-            "twin_b_accuracy": acc(name="test_twin_b_accuracy"),
-            "joint_accuracy": acc(name="test_joint_accuracy"),
-            "student_accuracy": acc(name="test_student_accuracy"),
-        }
+        train_keys = (
+            "loss",
+            "twin_a_loss",
+            "twin_b_loss",
+            "agreement",
+            "agreement_ratio",
+            "agreement_param_ratio",
+            "updated_ratio",
+        )
+        # Tracker names equal their log keys, so callbacks such as EarlyStopping
+        # infer the direction of "val_student_accuracy" by themselves.
+        self._train_trackers = {k: keras.metrics.Mean(name=k) for k in train_keys}
+        for key in ("twin_a_accuracy", "twin_b_accuracy"):
+            self._train_trackers[key] = keras.metrics.SparseCategoricalAccuracy(
+                name=key
+            )
+        self._test_trackers = {"loss": keras.metrics.Mean(name="loss")}
+        for key in ("twin_a", "twin_b", "joint", "student"):
+            self._test_trackers[f"{key}_accuracy"] = (
+                keras.metrics.SparseCategoricalAccuracy(name=f"{key}_accuracy")
+            )
         # Per-variable share of steps with an open gate (per-layer diagnostics).
         num_vars = len(twin_a.trainable_variables)
         self.variable_open_fraction = VectorMean(
@@ -321,9 +320,9 @@ class GAL(keras.Model):
     # ------------------------------------------------------------ train step
     def train_step(self, data):
         if self.phase == WARMUP:
-            logs = self._warmup_step(data)
+            self._warmup_step(data)
         else:
-            logs = self._agreement_step(data)
+            self._agreement_step(data)
         if self.train_student:
             self._student_step(data["image_a"], data["id_a"])
         return {name: t.result() for name, t in self._train_trackers.items()}

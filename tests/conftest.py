@@ -1,0 +1,49 @@
+"""Shared test set-up: quiet TF, two logical CPU devices, tiny networks."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPUs make multi-replica tests possible without a GPU; this must run
+# before any other TensorFlow call (KERAS_TF_NOTES.md).
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+except RuntimeError:
+    pass
+
+
+def tiny_net(name, input_shape=(4, 4, 1), num_classes=3, seed=0):
+    """A few-hundred-parameter classifier with BatchNorm, outputting logits."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(6, activation="relu", name="hidden")(x)
+    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def tiny_data(n=48, num_classes=3, seed=0, shape=(4, 4, 1)):
+    """Learnable tiny images: class j has a bright block at position j."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    images = rng.integers(0, 60, size=(n, *shape)).astype(np.uint8)
+    for j in range(num_classes):
+        images[labels == j, j, :, :] = 230
+    return images, labels.astype(np.int64)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_net, tiny_data
