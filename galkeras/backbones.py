@@ -50,9 +50,9 @@ def small_cnn(input_shape, num_classes, mean, std, width=32, name="small_cnn"):
     return keras.Model(inputs, outputs, name=name)
 
 
-def build_backbone(name, input_shape, num_classes, mean, std, **kwargs):
-    """Builds the backbone called `name` (one of `BACKBONES`)."""
+def build_backbone(kind, input_shape, num_classes, mean, std, **kwargs):
+    """Builds the backbone `kind` (one of `BACKBONES`); kwargs go to its factory."""
     factories = {"small_cnn": small_cnn}
-    if name not in factories:
-        raise ValueError(f"Unknown backbone {name!r}; choose one of {BACKBONES}.")
-    return factories[name](input_shape, num_classes, mean, std, **kwargs)
+    if kind not in factories:
+        raise ValueError(f"Unknown backbone {kind!r}; choose one of {BACKBONES}.")
+    return factories[kind](input_shape, num_classes, mean, std, **kwargs)

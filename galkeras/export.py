@@ -1,0 +1,92 @@
+"""Exports θC as a versioned SavedModel for TF Serving.
+
+The export directory is treated as a TF Serving *model base path*: each export
+writes the next integer version below it (`<base>/1`, `<base>/2`, …), and an
+existing version is never overwritten.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+
+def next_version(base_path):
+    """The next free integer version under `base_path` (1 when there is none)."""
+    if not os.path.isdir(base_path):
+        return 1
+    versions = [int(n) for n in os.listdir(base_path) if re.fullmatch(r"\d+", n)]
+    return max(versions, default=0) + 1
+
+
+def check_export_base(base_path):
+    """Fails early, before training, if `base_path` cannot hold a new version."""
+    probe_dir = base_path
+    while not os.path.exists(probe_dir):
+        parent = os.path.dirname(os.path.abspath(probe_dir))
+        if parent == probe_dir:
+            break
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        raise ValueError(f"--export_dir {base_path}: {probe_dir} is not a directory.")
+    if not os.access(probe_dir, os.W_OK):
+        raise ValueError(
+            f"--export_dir {base_path}: {probe_dir} is not writable; choose a "
+            "writable --export_dir."
+        )
+
+
+def export_classifier(model, base_path, class_names=None):
+    """Writes `model` (a logits classifier) as the next version under `base_path`.
+
+    The `serving_default` signature takes raw images under the input name
+    `image` (uint8, any batch size; preprocessing is inside the model) and
+    returns `probabilities` (float32 `[N, K]`), `class_id` (int64 `[N]`) and,
+    when `class_names` are given, `class_name` (string `[N]`).
+
+    The version is written to a temporary directory beside it and renamed into
+    place, so a crash never leaves a half-written version, and an existing
+    version is never replaced.
+
+    Returns:
+        The path of the written version directory.
+    """
+    image_shape = tuple(model.input_shape[1:])
+    names = tf.constant(list(class_names)) if class_names else None
+
+    def serve(image):
+        logits = model(tf.cast(image, tf.float32), training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        outputs = {"probabilities": probabilities, "class_id": class_id}
+        if names is not None:
+            outputs["class_name"] = tf.gather(names, class_id)
+        return outputs
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name="serving_default",
+        fn=serve,
+        input_signature=[tf.TensorSpec((None, *image_shape), tf.uint8, name="image")],
+    )
+    os.makedirs(base_path, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=base_path)
+    try:
+        archive.write_out(staging, verbose=False)
+        while True:
+            target = os.path.join(base_path, str(next_version(base_path)))
+            try:
+                # os.rename refuses to replace a non-empty directory, so a
+                # version that appeared meanwhile is never overwritten.
+                os.rename(staging, target)
+                return target
+            except OSError:
+                if not os.path.isdir(target):
+                    raise
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)

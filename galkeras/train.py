@@ -1,0 +1,487 @@
+"""Command-line training: `python -m galkeras.train --flagfile=flags/quickstart.flags`.
+
+This is the only module that reads absl `FLAGS`. `main` turns them into a
+`TrainConfig` and calls `run(config)`, which notebooks and tests call directly.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+_DEFAULTS = dict(
+    dataset="digits",
+    data_dir=None,
+    noise_type="sym",
+    noise_rate=0.5,
+    noise_seed=0,
+    seed=0,
+    backbone="small_cnn",
+    student_backbone="",
+    backbone_width=32,
+    epochs=30,
+    warmup_epochs=12,
+    batch_size=64,
+    lr=0.06,
+    lr_decay_epochs=(12, 24),
+    lr_decay_factor=0.1,
+    momentum=0.9,
+    weight_decay=5e-4,
+    weight_decay_mode="coupled",
+    tau=0.4,
+    epsilon=0.8,
+    update_rule="agreement",
+    random_update_prob=0.8,
+    sampling="cdas",
+    masked_update="skip",
+    augment="auto",
+    train_student=True,
+    model_dir="",
+    export_dir="",
+    verbose=2,
+)
+
+# Names below mirror the modules that own them; importing those modules pulls in
+# TensorFlow, so the CLI keeps plain copies and a test checks they agree.
+NOISE_TYPES = ("none", "sym", "sym_inclusive", "pairflip", "asym")
+BACKBONES = ("small_cnn",)
+UPDATE_RULES = ("agreement", "random", "all")
+SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
+MASKED_UPDATES = ("skip", "zero_grad")
+AUGMENTATIONS = ("auto", "none", "crop", "crop_flip")
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+DEFAULT_AUGMENT = {"digits": "crop"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one GAL run needs; field names equal the CLI flags."""
+
+    dataset: str = _DEFAULTS["dataset"]
+    data_dir: str | None = _DEFAULTS["data_dir"]
+    noise_type: str = _DEFAULTS["noise_type"]
+    noise_rate: float = _DEFAULTS["noise_rate"]
+    noise_seed: int = _DEFAULTS["noise_seed"]
+    seed: int = _DEFAULTS["seed"]
+    backbone: str = _DEFAULTS["backbone"]
+    student_backbone: str = _DEFAULTS["student_backbone"]
+    backbone_width: int = _DEFAULTS["backbone_width"]
+    epochs: int = _DEFAULTS["epochs"]
+    warmup_epochs: int = _DEFAULTS["warmup_epochs"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    lr: float = _DEFAULTS["lr"]
+    lr_decay_epochs: tuple = _DEFAULTS["lr_decay_epochs"]
+    lr_decay_factor: float = _DEFAULTS["lr_decay_factor"]
+    momentum: float = _DEFAULTS["momentum"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    weight_decay_mode: str = _DEFAULTS["weight_decay_mode"]
+    tau: float = _DEFAULTS["tau"]
+    epsilon: float = _DEFAULTS["epsilon"]
+    update_rule: str = _DEFAULTS["update_rule"]
+    random_update_prob: float = _DEFAULTS["random_update_prob"]
+    sampling: str = _DEFAULTS["sampling"]
+    masked_update: str = _DEFAULTS["masked_update"]
+    augment: str = _DEFAULTS["augment"]
+    train_student: bool = _DEFAULTS["train_student"]
+    model_dir: str = _DEFAULTS["model_dir"]
+    export_dir: str = _DEFAULTS["export_dir"]
+    verbose: int = _DEFAULTS["verbose"]
+
+
+def config_problems(config):
+    """Every problem of `config` that can be seen without loading data.
+
+    Returns a list of messages, each naming the flag at fault and its valid range.
+    """
+    c = config
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    need(0.0 <= c.noise_rate < 1.0, f"--noise_rate={c.noise_rate} must be in [0, 1).")
+    need(-1.0 <= c.tau <= 1.0, f"--tau={c.tau} must be in [-1, 1].")
+    need(0.0 <= c.epsilon < 1.0, f"--epsilon={c.epsilon} must be in [0, 1).")
+    need(c.batch_size >= 1, f"--batch_size={c.batch_size} must be >= 1.")
+    need(c.epochs >= 1, f"--epochs={c.epochs} must be >= 1.")
+    need(
+        0 <= c.warmup_epochs <= c.epochs,
+        f"--warmup_epochs={c.warmup_epochs} must be in [0, --epochs={c.epochs}].",
+    )
+    need(c.lr > 0, f"--lr={c.lr} must be > 0.")
+    need(
+        0 < c.lr_decay_factor <= 1,
+        f"--lr_decay_factor={c.lr_decay_factor} must be in (0, 1].",
+    )
+    need(
+        all(0 < int(e) < c.epochs for e in c.lr_decay_epochs),
+        f"--lr_decay_epochs={','.join(map(str, c.lr_decay_epochs))} must lie in "
+        f"(0, --epochs={c.epochs}).",
+    )
+    need(c.momentum >= 0, f"--momentum={c.momentum} must be >= 0.")
+    need(c.weight_decay >= 0, f"--weight_decay={c.weight_decay} must be >= 0.")
+    need(
+        0.0 <= c.random_update_prob <= 1.0,
+        f"--random_update_prob={c.random_update_prob} must be in [0, 1].",
+    )
+    need(c.backbone_width >= 1, f"--backbone_width={c.backbone_width} must be >= 1.")
+    for flag, value, allowed in (
+        ("noise_type", c.noise_type, NOISE_TYPES),
+        ("backbone", c.backbone, BACKBONES),
+        ("student_backbone", c.student_backbone or c.backbone, BACKBONES),
+        ("update_rule", c.update_rule, UPDATE_RULES),
+        ("sampling", c.sampling, SAMPLING_MODES),
+        ("masked_update", c.masked_update, MASKED_UPDATES),
+        ("augment", c.augment, AUGMENTATIONS),
+        ("weight_decay_mode", c.weight_decay_mode, WEIGHT_DECAY_MODES),
+    ):
+        need(
+            value in allowed, f"--{flag}={value!r} is unknown; choose one of {allowed}."
+        )
+    if c.model_dir and os.path.isdir(c.model_dir) and os.listdir(c.model_dir):
+        problems.append(
+            f"--model_dir={c.model_dir} already holds files of another run; galkeras "
+            "never overwrites a run. Choose a new --model_dir."
+        )
+    return problems
+
+
+def run_name(config, dataset_name):
+    rate = round(config.noise_rate * 100)
+    return f"{dataset_name}_{config.noise_type}{rate}_s{config.seed}"
+
+
+def run(config):
+    """Trains GAL as `config` says and returns the run summary (a dict).
+
+    Steps: validate, load the data and make its noisy labels, build the three
+    networks and their optimizers, `GAL.fit` with per-epoch evaluation, then write
+    `summary.json`, the history CSV and the noisy labels to `model_dir`, and export
+    θC as the next SavedModel version under `export_dir`.
+
+    Raises:
+        ValueError (including `galkeras.datasets.DatasetError`): bad configuration
+            or data, always before any training.
+    """
+    try:
+        prepared = _prepare(config)
+    except ValueError as error:  # includes DatasetError
+        raise ConfigError(str(error)) from error
+    return _train(config, *prepared)
+
+
+class ConfigError(ValueError):
+    """A bad flag or bad data, found before any training started."""
+
+
+def _prepare(config):
+    """Validation and data loading: everything that can fail on bad input."""
+    problems = config_problems(config)
+    if problems:
+        raise ValueError("\n".join(problems))
+
+    import numpy as np
+
+    from galkeras import export, noise
+    from galkeras.datasets import check_dataset_spec, load_dataset
+
+    check_dataset_spec(config.dataset)
+    data = load_dataset(config.dataset, data_dir=config.data_dir)
+    if config.batch_size > data.num_train:
+        raise ValueError(
+            f"--batch_size={config.batch_size} exceeds the {data.num_train} training "
+            f"images of {data.name}."
+        )
+    noisy = noise.apply_label_noise(
+        data.y_train,
+        config.noise_type,
+        config.noise_rate,
+        data.num_classes,
+        seed=config.noise_seed,
+        dataset=data.name,
+    )
+    clean = data.y_train_clean
+    if clean is None and config.noise_type != "none":
+        clean = data.y_train  # the labels before synthetic noise
+    noise_rate_actual = (
+        noise.actual_noise_rate(clean, noisy) if clean is not None else None
+    )
+
+    name = run_name(config, data.name)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    model_dir = config.model_dir or os.path.join("runs", f"{name}-{stamp}")
+    export_dir = config.export_dir or os.path.join("saved_models", name)
+    export.check_export_base(export_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    if not os.access(model_dir, os.W_OK):
+        raise ValueError(f"--model_dir={model_dir} is not writable.")
+    np.savez(
+        os.path.join(model_dir, "labels.npz"),
+        noisy_labels=noisy,
+        **({"clean_labels": clean} if clean is not None else {}),
+    )
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+
+    return data, noisy, clean, noise_rate_actual, model_dir, export_dir
+
+
+def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir):
+    import keras
+
+    from galkeras import augment, backbones, export, optimizers
+    from galkeras.model import GAL
+    from galkeras.training_set import TrainingSet
+
+    keras.utils.set_random_seed(config.seed)
+    strategy = _strategy()
+    with strategy.scope():
+
+        def make(name, kind):
+            return backbones.build_backbone(
+                kind,
+                data.image_shape,
+                data.num_classes,
+                data.mean,
+                data.std,
+                width=config.backbone_width,
+                name=name,
+            )
+
+        gal = GAL(
+            make("twin_a", config.backbone),
+            make("twin_b", config.backbone),
+            make("student", config.student_backbone or config.backbone),
+            warmup_epochs=config.warmup_epochs,
+            tau=config.tau,
+            epsilon=config.epsilon,
+            update_rule=config.update_rule,
+            random_update_prob=config.random_update_prob,
+            masked_update=config.masked_update,
+            train_student=config.train_student,
+            seed=config.seed,
+        )
+        training_set = TrainingSet(
+            data.x_train,
+            noisy,
+            batch_size=config.batch_size,
+            sampling=config.sampling,
+            seed=config.seed,
+            augment=augment.make_augment(
+                _augment_kind(config, data.name), data.image_shape, seed=config.seed
+            ),
+            clean_labels=clean,
+            num_classes=data.num_classes,
+        )
+        schedule = optimizers.piecewise_epoch_schedule(
+            config.lr,
+            config.lr_decay_epochs,
+            config.lr_decay_factor,
+            training_set.steps_per_epoch,
+        )
+        gal.compile(
+            optimizer=optimizers.SGD(
+                schedule,
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                weight_decay_mode=config.weight_decay_mode,
+            )
+        )
+    started = time.time()
+    history = gal.fit(
+        training_set,
+        epochs=config.epochs,
+        validation_data=(data.x_test, data.y_test),
+        callbacks=[keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv"))],
+        verbose=config.verbose,
+    ).history
+    seconds = time.time() - started
+
+    # θC also as a .keras file, for reloading in Keras (the SavedModel is for serving).
+    gal.student.save(os.path.join(model_dir, "student.keras"))
+    export_path = export.export_classifier(gal.student, export_dir, data.class_names)
+    summary = summarise(history, config.warmup_epochs)
+    summary.update(
+        {
+            "dataset": data.name,
+            "noise_type": config.noise_type,
+            "noise_rate": config.noise_rate,
+            "noise_rate_actual": noise_rate_actual,
+            "epochs": config.epochs,
+            "seconds_per_epoch": seconds / config.epochs,
+            "cdas_fallbacks": int(gal.sampler.fallback_count),
+            "model_dir": model_dir,
+            "export_path": export_path,
+        }
+    )
+    with open(os.path.join(model_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+NETWORKS = ("twin_a", "twin_b", "joint", "student")
+
+
+def summarise(history, warmup_epochs):
+    """Best, last and best − last test accuracy (percent) of each network (Table 1
+    layout), and the mean agreement ratios over the agreement phase."""
+    summary = {}
+    for net in NETWORKS:
+        accuracies = [100.0 * a for a in history[f"val_{net}_accuracy"]]
+        best, last = max(accuracies), accuracies[-1]
+        summary[net] = {"best": best, "last": last, "best_minus_last": best - last}
+    phase2 = slice(warmup_epochs, None)
+    for key in ("agreement_ratio", "agreement_param_ratio"):
+        values = history[key][phase2]
+        summary[f"mean_{key}"] = float(sum(values) / len(values)) if values else None
+    return summary
+
+
+def format_summary(summary):
+    """The summary as a small table for the terminal."""
+    lines = [f"{'network':<10}{'best':>8}{'last':>8}{'best-last':>11}"]
+    for net in NETWORKS:
+        s = summary[net]
+        lines.append(
+            f"{net:<10}{s['best']:>8.2f}{s['last']:>8.2f}{s['best_minus_last']:>11.2f}"
+        )
+    ratio = summary["mean_agreement_ratio"]
+    param = summary["mean_agreement_param_ratio"]
+    actual = summary["noise_rate_actual"]
+    lines += [
+        f"noise rate (actual): {'n/a' if actual is None else f'{actual:.4f}'}",
+        "mean agreement ratio (phase 2): "
+        + (
+            "n/a"
+            if ratio is None
+            else f"{ratio:.3f} of variables, {param:.3f} of parameters"
+        ),
+        f"seconds per epoch: {summary['seconds_per_epoch']:.2f}",
+        f"summary: {os.path.join(summary['model_dir'], 'summary.json')}",
+        f"exported θC: {summary['export_path']}",
+    ]
+    return "\n".join(lines)
+
+
+def _augment_kind(config, dataset_name):
+    if config.augment != "auto":
+        return config.augment
+    return DEFAULT_AUGMENT.get(dataset_name, "none")
+
+
+def _strategy():
+    """MirroredStrategy across GPUs when there are several, else the default."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+# --------------------------------------------------------------------- flags
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    d = _DEFAULTS
+    flags.DEFINE_string("dataset", d["dataset"], "Dataset: `digits` or `npz:PATH`.")
+    flags.DEFINE_string("data_dir", d["data_dir"], "Where datasets are stored.")
+    flags.DEFINE_string("noise_type", d["noise_type"], f"One of {NOISE_TYPES}.")
+    flags.DEFINE_float("noise_rate", d["noise_rate"], "Synthetic noise rate in [0, 1).")
+    flags.DEFINE_integer("noise_seed", d["noise_seed"], "Seed of the noisy labels.")
+    flags.DEFINE_integer("seed", d["seed"], "Seed of weights, batches and gates.")
+    flags.DEFINE_string("backbone", d["backbone"], f"Twins' backbone: {BACKBONES}.")
+    flags.DEFINE_string(
+        "student_backbone",
+        d["student_backbone"],
+        "θC's backbone (default: --backbone).",
+    )
+    flags.DEFINE_integer("backbone_width", d["backbone_width"], "Backbone width.")
+    flags.DEFINE_integer("epochs", d["epochs"], "Total epochs E.")
+    flags.DEFINE_integer("warmup_epochs", d["warmup_epochs"], "Warm-up epochs W.")
+    flags.DEFINE_integer("batch_size", d["batch_size"], "Global batch size per twin.")
+    flags.DEFINE_float("lr", d["lr"], "Initial learning rate.")
+    flags.DEFINE_list(
+        "lr_decay_epochs",
+        [str(e) for e in d["lr_decay_epochs"]],
+        "Epochs at which the learning rate is multiplied by --lr_decay_factor.",
+    )
+    flags.DEFINE_float("lr_decay_factor", d["lr_decay_factor"], "Decay factor.")
+    flags.DEFINE_float("momentum", d["momentum"], "SGD momentum.")
+    flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay.")
+    flags.DEFINE_string(
+        "weight_decay_mode", d["weight_decay_mode"], f"One of {WEIGHT_DECAY_MODES}."
+    )
+    flags.DEFINE_float("tau", d["tau"], "Agreement threshold τ in [-1, 1].")
+    flags.DEFINE_float("epsilon", d["epsilon"], "Pseudo-label threshold ε in [0, 1).")
+    flags.DEFINE_string("update_rule", d["update_rule"], f"One of {UPDATE_RULES}.")
+    flags.DEFINE_float(
+        "random_update_prob", d["random_update_prob"], "p of --update_rule=random."
+    )
+    flags.DEFINE_string("sampling", d["sampling"], f"One of {SAMPLING_MODES}.")
+    flags.DEFINE_string(
+        "masked_update", d["masked_update"], f"One of {MASKED_UPDATES}."
+    )
+    flags.DEFINE_string(
+        "augment",
+        d["augment"],
+        f"One of {AUGMENTATIONS}; auto = the dataset's default.",
+    )
+    flags.DEFINE_bool("train_student", d["train_student"], "Train θC.")
+    flags.DEFINE_string("model_dir", d["model_dir"], "Run directory (default: runs/…).")
+    flags.DEFINE_string(
+        "export_dir", d["export_dir"], "TF Serving base path (default: saved_models/…)."
+    )
+    flags.DEFINE_integer("verbose", d["verbose"], "Keras fit verbosity (0, 1, 2).")
+
+    def ints(values):
+        try:
+            [int(v) for v in values]
+        except ValueError:
+            return False
+        return True
+
+    flags.register_validator(
+        "lr_decay_epochs", ints, message="--lr_decay_epochs must be a list of integers."
+    )
+
+
+def config_from_flags():
+    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)}
+    values["lr_decay_epochs"] = tuple(int(e) for e in values["lr_decay_epochs"])
+    return TrainConfig(**values)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    config = config_from_flags()
+    problems = config_problems(config)
+    if problems:
+        _fail("\n".join(problems))
+    try:
+        summary = run(config)
+    except ConfigError as error:
+        _fail(str(error))
+    print(format_summary(summary))
+
+
+def _fail(message):
+    print(f"galkeras.train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_main():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,0 +1,194 @@
+"""The CLI end to end on `digits`, its export, and every bad-input case."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from galkeras import agreement, augment, backbones, model, noise, sampling, train
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "galkeras.train", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_choices_match_the_library():
+    assert train.NOISE_TYPES == noise.NOISE_TYPES
+    assert train.BACKBONES == backbones.BACKBONES
+    assert train.UPDATE_RULES == agreement.UPDATE_RULES
+    assert train.SAMPLING_MODES == sampling.SAMPLING_MODES
+    assert train.MASKED_UPDATES == model.MASKED_UPDATES
+    assert train.AUGMENTATIONS == ("auto", *augment.AUGMENTATIONS)
+
+
+@pytest.mark.large
+def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
+    result = _cli(
+        "--flagfile=" + os.path.abspath("flags/quickstart.flags"),
+        "--epochs=3",
+        "--warmup_epochs=1",
+        "--lr_decay_epochs=2",
+        "--batch_size=128",
+        "--backbone_width=8",
+        "--verbose=0",
+        f"--model_dir={tmp_path / 'run'}",
+        f"--export_dir={tmp_path / 'export'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "student" in result.stdout and "exported" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for net in ("twin_a", "twin_b", "joint", "student"):
+        s = summary[net]
+        assert 0 <= s["last"] <= s["best"] <= 100
+        assert s["best_minus_last"] == pytest.approx(s["best"] - s["last"])
+    assert 0.45 < summary["noise_rate_actual"] < 0.55
+    assert summary["seconds_per_epoch"] > 0
+    assert 0 <= summary["mean_agreement_ratio"] <= 1
+    assert summary["export_path"] == str(tmp_path / "export" / "1")
+    labels = np.load(tmp_path / "run" / "labels.npz")
+    assert (labels["noisy_labels"] != labels["clean_labels"]).mean() == pytest.approx(
+        summary["noise_rate_actual"]
+    )
+
+    # θC in this process, against the SavedModel in a fresh process.
+    import keras
+
+    from galkeras.datasets import load_dataset
+
+    images = load_dataset("digits").x_test[:50]
+    np.save(tmp_path / "images.npy", images)
+    student = keras.models.load_model(tmp_path / "run" / "student.keras")
+    want = keras.ops.softmax(student.predict(images, verbose=0)).numpy()
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "sig = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        "out = sig(image=tf.constant(np.load(sys.argv[2])))\n"
+        "out = {k: v.numpy() for k, v in out.items()}\n"
+        "out['class_name'] = out['class_name'].astype(str)\n"
+        "np.savez(sys.argv[3], **out)\n"
+    )
+    served = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            summary["export_path"],
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "served.npz"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    got = np.load(tmp_path / "served.npz")
+    np.testing.assert_allclose(got["probabilities"], want, atol=1e-5)
+    np.testing.assert_array_equal(got["class_id"], want.argmax(1))
+    assert got["class_id"].dtype == np.int64
+    np.testing.assert_array_equal(got["class_name"], want.argmax(1).astype(str))
+
+    # A second export goes to version 2 and leaves version 1 untouched; a second
+    # run into the same model_dir is refused.
+    from galkeras.export import export_classifier
+
+    before = sorted(os.listdir(summary["export_path"]))
+    assert export_classifier(student, str(tmp_path / "export")).endswith("2")
+    assert sorted(os.listdir(summary["export_path"])) == before
+    again = _cli(f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert again.returncode != 0 and "--model_dir" in again.stderr
+
+
+def _npz(path, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.integers(0, 255, (20, 6, 6), dtype=np.uint8),
+        "y_train": np.arange(20) % 2,
+        "x_test": rng.integers(0, 255, (6, 6, 6), dtype=np.uint8),
+        "y_test": np.arange(6) % 2,
+    }
+    arrays.update(overrides)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return f"--dataset=npz:{path}"
+
+
+BAD_FLAGS = [
+    (["--noise_rate=1.0"], "--noise_rate"),
+    (["--noise_rate=-0.1"], "--noise_rate"),
+    (["--tau=1.5"], "--tau"),
+    (["--epsilon=1.0"], "--epsilon"),
+    (["--dataset=imagenet21k"], "imagenet21k"),
+    (["--backbone=vgg99"], "--backbone"),
+    (["--student_backbone=vgg99"], "--student_backbone"),
+    (["--sampling=balanced"], "--sampling"),
+    (["--update_rule=sometimes"], "--update_rule"),
+    (["--masked_update=freeze"], "--masked_update"),
+    (["--noise_type=gaussian"], "--noise_type"),
+    (["--batch_size=0"], "--batch_size"),
+    (["--epochs=5", "--warmup_epochs=6", "--lr_decay_epochs=2"], "--warmup_epochs"),
+    (["--lr_decay_epochs=x"], "--lr_decay_epochs"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[f[0][0] for f in BAD_FLAGS])
+def test_bad_flags_exit_nonzero_naming_the_flag(tmp_path, flags, named):
+    result = _cli(*flags, f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        ({"y_test": None}, "y_test"),
+        ({"y_train": np.arange(19) % 2}, "y_train"),
+        ({"y_train": np.arange(20) % 2 - 1}, "y_train"),
+        ({"y_test": np.array([0, 1, 0, 1, 0, 7])}, "y_test"),
+    ],
+    ids=["missing_key", "mismatched_lengths", "negative_label", "label_beyond_k"],
+)
+def test_bad_npz_exits_nonzero_naming_the_key(tmp_path, overrides, named):
+    overrides = dict(overrides)
+    if named == "y_test" and "y_test" in overrides and overrides["y_test"] is not None:
+        # K comes from class_names, so label 7 lies outside [0, 2).
+        overrides["class_names"] = np.array(["a", "b"])
+    flag = _npz(tmp_path / "data.npz", **overrides)
+    result = _cli(flag, f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert named in result.stderr and "data.npz" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_on_npz_in_process(tmp_path):
+    flag = _npz(tmp_path / "data.npz")
+    config = train.TrainConfig(
+        dataset=flag.split("=", 1)[1],
+        epochs=2,
+        warmup_epochs=1,
+        lr_decay_epochs=(),
+        batch_size=10,
+        backbone_width=4,
+        verbose=0,
+        noise_rate=0.2,
+        model_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "export"),
+    )
+    summary = train.run(config)
+    assert summary["dataset"] == "data" and os.path.isdir(summary["export_path"])
+    with pytest.raises(train.ConfigError, match="--model_dir"):
+        train.run(config)
