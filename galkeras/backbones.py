@@ -17,7 +17,9 @@ def _normalisation(mean, std):
     return keras.layers.Rescaling(scale=scale, offset=offset, name="normalise")
 
 
-def small_cnn(input_shape, num_classes, mean, std, width=32, name="small_cnn"):
+def small_cnn(
+    input_shape, num_classes, mean, std, width=32, hidden_units=0, name="small_cnn"
+):
     """A small VGG-style CNN: two blocks of two 3x3 conv-BN-ReLU, then a linear head.
 
     With the default width it has about 70 k parameters, sized for the 8x8 `digits`
@@ -29,6 +31,8 @@ def small_cnn(input_shape, num_classes, mean, std, width=32, name="small_cnn"):
         num_classes: number of output logits K.
         mean, std: per-channel normalisation in the 0-255 pixel scale.
         width: channels of the first block; the second block has twice as many.
+        hidden_units: if > 0, a hidden dense layer (BN, ReLU) of this size before
+            the head, on the flattened feature map: cheap extra capacity.
         name: model name.
 
     Returns:
@@ -45,7 +49,13 @@ def small_cnn(input_shape, num_classes, mean, std, width=32, name="small_cnn"):
             x = keras.layers.ReLU()(x)
         if x.shape[1] >= 4:
             x = keras.layers.MaxPooling2D(name=f"pool{block}")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
+    if hidden_units:
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dense(hidden_units, use_bias=False, name="hidden")(x)
+        x = keras.layers.BatchNormalization(name="bn_hidden")(x)
+        x = keras.layers.ReLU()(x)
+    else:
+        x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
 

@@ -589,7 +589,7 @@ class GAL(keras.Model):
             dataset,
             epochs=epochs,
             verbose=verbose,
-            callbacks=[*(callbacks or []), driver],
+            callbacks=[driver, *(callbacks or [])],
             validation_data=validation_data,
             initial_epoch=initial_epoch,
             steps_per_epoch=steps,
@@ -683,7 +683,9 @@ class _GALDriver(keras.callbacks.Callback):
     CDAS stream at that epoch's first global step (honouring `initial_epoch` and
     `BackupAndRestore`), (2) enters the epoch's phase, splitting θB off θA at the
     warm-up switch, and (3) refreshes the pseudo-label table. At the end of every
-    epoch it adds the pseudo-label statistics to the epoch's logs.
+    epoch it adds the pseudo-label statistics to the epoch's logs. `GAL.fit` puts
+    it first among the callbacks, so `CSVLogger`, `ModelCheckpoint` and the others
+    see those statistics.
     """
 
     def __init__(self, gal, training_set, sampler):
@@ -708,7 +710,3 @@ class _GALDriver(keras.callbacks.Callback):
         if logs is not None:
             logs.update(self._gal.pseudo_label_stats)
             logs["cdas_fallbacks"] = float(self._sampler.fallback_count)
-        # Per-variable open fractions of this epoch, for per-layer diagnostics.
-        self._gal.epoch_variable_open_fraction = (
-            self._gal.variable_open_fraction.result().numpy()
-        )

@@ -23,6 +23,7 @@ _DEFAULTS = dict(
     backbone="small_cnn",
     student_backbone="",
     backbone_width=32,
+    hidden_units=0,
     epochs=30,
     warmup_epochs=12,
     batch_size=64,
@@ -70,6 +71,7 @@ class TrainConfig:
     backbone: str = _DEFAULTS["backbone"]
     student_backbone: str = _DEFAULTS["student_backbone"]
     backbone_width: int = _DEFAULTS["backbone_width"]
+    hidden_units: int = _DEFAULTS["hidden_units"]
     epochs: int = _DEFAULTS["epochs"]
     warmup_epochs: int = _DEFAULTS["warmup_epochs"]
     batch_size: int = _DEFAULTS["batch_size"]
@@ -130,6 +132,7 @@ def config_problems(config):
         f"--random_update_prob={c.random_update_prob} must be in [0, 1].",
     )
     need(c.backbone_width >= 1, f"--backbone_width={c.backbone_width} must be >= 1.")
+    need(c.hidden_units >= 0, f"--hidden_units={c.hidden_units} must be >= 0.")
     for flag, value, allowed in (
         ("noise_type", c.noise_type, NOISE_TYPES),
         ("backbone", c.backbone, BACKBONES),
@@ -250,6 +253,7 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
                 data.mean,
                 data.std,
                 width=config.backbone_width,
+                hidden_units=config.hidden_units,
                 name=name,
             )
 
@@ -297,7 +301,12 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
         training_set,
         epochs=config.epochs,
         validation_data=(data.x_test, data.y_test),
-        callbacks=[keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv"))],
+        callbacks=[
+            keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv")),
+            per_variable_agreement_logger(
+                gal, os.path.join(model_dir, "agreement_per_variable.csv")
+            ),
+        ],
         verbose=config.verbose,
     ).history
     seconds = time.time() - started
@@ -322,6 +331,25 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
     with open(os.path.join(model_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def per_variable_agreement_logger(gal, path):
+    """A callback writing, per epoch, each twin variable's share of steps whose
+    gate was open: one CSV row per epoch, one column per variable of θA (by path).
+    This is the per-layer view of the agreement ratio (Figure 1, §4.3.3)."""
+    import keras
+
+    names = [v.path for v in gal.twin_a.trainable_variables]
+
+    def write(epoch, logs):
+        values = gal.variable_open_fraction.result().numpy()
+        new = not os.path.exists(path)
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(["epoch", *names]) + "\n")
+            f.write(",".join([str(epoch), *(f"{x:.4f}" for x in values)]) + "\n")
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=write)
 
 
 NETWORKS = ("twin_a", "twin_b", "joint", "student")
@@ -403,6 +431,9 @@ def define_flags():
         "θC's backbone (default: --backbone).",
     )
     flags.DEFINE_integer("backbone_width", d["backbone_width"], "Backbone width.")
+    flags.DEFINE_integer(
+        "hidden_units", d["hidden_units"], "small_cnn: hidden dense units (0: none)."
+    )
     flags.DEFINE_integer("epochs", d["epochs"], "Total epochs E.")
     flags.DEFINE_integer("warmup_epochs", d["warmup_epochs"], "Warm-up epochs W.")
     flags.DEFINE_integer("batch_size", d["batch_size"], "Global batch size per twin.")

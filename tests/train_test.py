@@ -58,6 +58,13 @@ def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
     assert summary["seconds_per_epoch"] > 0
     assert 0 <= summary["mean_agreement_ratio"] <= 1
     assert summary["export_path"] == str(tmp_path / "export" / "1")
+    per_variable = (tmp_path / "run" / "agreement_per_variable.csv").read_text()
+    rows = [line.split(",") for line in per_variable.strip().splitlines()]
+    assert rows[0][0] == "epoch" and rows[1][1:] and len(rows) == 4
+    assert all(0.0 <= float(x) <= 1.0 for row in rows[1:] for x in row[1:])
+    assert any(float(x) > 0 for x in rows[-1][1:])  # phase 2 opened some gates
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()[0]
+    assert "pseudo_label_coverage" in history and "val_student_accuracy" in history
     labels = np.load(tmp_path / "run" / "labels.npz")
     assert (labels["noisy_labels"] != labels["clean_labels"]).mean() == pytest.approx(
         summary["noise_rate_actual"]
