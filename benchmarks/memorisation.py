@@ -194,6 +194,10 @@ def run_benchmark(setting, npz_path, out_dir, methods=METHODS, log=print):
         json.dump(results, f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(markdown_table(results))
+    try:
+        plot_curves(results, os.path.join(out_dir, "curves.png"))
+    except ImportError:
+        log("matplotlib is not installed: no curves.png (pip install galkeras[report])")
     return results
 
 
@@ -226,6 +230,61 @@ def markdown_table(results):
     lines.append("")
     lines.append("Cells: best / last / best − last clean-test accuracy, percent.")
     return "\n".join(lines) + "\n"
+
+
+def plot_curves(results, path):
+    """One row per noise setting: test accuracy of every column; CE's fit of the
+    noisy labels against its test accuracy; GAL's agreement ratios; GAL's
+    pseudo-label coverage and precision. Needs matplotlib (`galkeras[report]`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results["runs"])
+    fig, axes = plt.subplots(len(keys), 4, figsize=(20, 4.2 * len(keys)), squeeze=False)
+    warmup = results["setting"]["warmup_epochs"]
+    for row, key in zip(axes, keys):
+        runs = results["runs"][key]
+        for method, net in COLUMNS:
+            if method in runs:
+                acc = [100 * a for a in runs[method]["history"][f"val_{net}_accuracy"]]
+                row[0].plot(acc, label=COLUMN_NAMES[(method, net)])
+        row[0].set(title=f"{key}: clean test accuracy (%)", xlabel="epoch")
+        row[0].legend(fontsize=7)
+        if "ce" in runs:
+            h = runs["ce"]["history"]
+            row[1].plot(
+                [100 * a for a in h["train_label_agreement"]],
+                label="CE: fit of the noisy train labels",
+            )
+            row[1].plot(
+                [100 * a for a in h["train_clean_accuracy"]],
+                label="CE: train accuracy vs clean labels",
+            )
+            row[1].plot(
+                [100 * a for a in h["val_twin_a_accuracy"]],
+                label="CE: clean test accuracy",
+            )
+            row[1].set(title=f"{key}: CE memorisation (%)", xlabel="epoch")
+            row[1].legend(fontsize=7)
+        if "gal" in runs:
+            h = runs["gal"]["history"]
+            row[2].plot(h["agreement_ratio"], label="variables with open gate")
+            row[2].plot(h["agreement_param_ratio"], label="parameters with open gate")
+            row[2].plot(h["agreement"], label="mean cosine")
+            row[2].set(title=f"{key}: GAL agreement (τ=0.4)", xlabel="epoch")
+            row[2].legend(fontsize=7)
+            row[3].plot(h["pseudo_label_coverage"], label="coverage (max p > ε)")
+            row[3].plot(h["pseudo_label_precision"], label="precision vs clean")
+            row[3].plot(h["train_label_agreement"], label="joint fit of noisy labels")
+            row[3].set(title=f"{key}: GAL pseudo-labels", xlabel="epoch")
+            row[3].legend(fontsize=7)
+        for ax in row:
+            ax.axvline(warmup, color="grey", lw=0.8, ls=":")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def memorisation_evidence(history):
