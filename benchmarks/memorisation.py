@@ -70,6 +70,17 @@ COLUMN_NAMES = {
 }
 
 
+# Full-GAL variants that probe why GAL does or does not beat CE (issue #7): the
+# threshold τ, the masked-update semantics, CDAS against random pairing. Run on the
+# first noise setting with `--investigate`.
+INVESTIGATIONS = {
+    "gal_tau0": {"tau": 0.0},
+    "gal_tau08": {"tau": 0.8},
+    "gal_zero_grad": {"masked_update": "zero_grad"},
+    "gal_random_pairs": {"sampling": "random"},
+}
+
+
 @dataclasses.dataclass
 class Setting:
     """The reduced-scale setting: small enough for 2 CPU cores, large enough for
@@ -160,11 +171,18 @@ def method_config(method, setting, noise_type, noise_rate, dataset, run_dir):
         )
     if method == "gal_early":
         return dataclasses.replace(config, warmup_epochs=max(1, setting.epochs // 10))
+    if method in INVESTIGATIONS:
+        return dataclasses.replace(config, **INVESTIGATIONS[method])
     return config
 
 
-def run_benchmark(setting, npz_path, out_dir, methods=METHODS, log=print):
-    """Runs every (noise, method) pair not already finished; returns the results."""
+def run_benchmark(
+    setting, npz_path, out_dir, methods=METHODS, investigate=False, log=print
+):
+    """Runs every (noise, method) pair not already finished; returns the results.
+
+    With `investigate`, the `INVESTIGATIONS` variants also run on the first noise
+    setting."""
     os.makedirs(out_dir, exist_ok=True)
     subset = make_subset(
         npz_path,
@@ -176,7 +194,8 @@ def run_benchmark(setting, npz_path, out_dir, methods=METHODS, log=print):
     results = {"setting": dataclasses.asdict(setting), "runs": {}}
     for noise_type, noise_rate in setting.noises:
         key = f"{noise_type}{round(noise_rate * 100)}"
-        for method in methods:
+        extra = tuple(INVESTIGATIONS) if investigate and not results["runs"] else ()
+        for method in (*methods, *extra):
             run_dir = os.path.join(out_dir, key, method)
             summary_path = os.path.join(run_dir, "run", "summary.json")
             if not os.path.exists(summary_path):
@@ -194,6 +213,8 @@ def run_benchmark(setting, npz_path, out_dir, methods=METHODS, log=print):
         json.dump(results, f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(markdown_table(results))
+        if investigate:
+            f.write("\n" + investigation_table(results))
     try:
         plot_curves(results, os.path.join(out_dir, "curves.png"))
     except ImportError:
@@ -207,6 +228,27 @@ def _read_history(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     return {k: [float(r[k]) for r in rows] for k in rows[0]}
+
+
+def investigation_table(results):
+    """Best / last / best − last of θC and the joint twins for each variant."""
+    lines = [
+        "| variant | GAL twins (joint) | GAL (θC) | phase-2 open params |",
+        "|---|---|---|---|",
+    ]
+    for key, runs in results["runs"].items():
+        for method in ("gal", *INVESTIGATIONS):
+            if method not in runs:
+                continue
+            r = runs[method]
+            cells = [
+                f"{r[n]['best']:.1f} / {r[n]['last']:.1f} / "
+                f"{r[n]['best_minus_last']:.1f}"
+                for n in ("joint", "student")
+            ]
+            ratio = r["mean_agreement_param_ratio"]
+            lines.append(f"| {key} {method} | {cells[0]} | {cells[1]} | {ratio:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results):
@@ -302,6 +344,9 @@ flags.DEFINE_string("out", "benchmarks/results/memorisation", "Output directory.
 flags.DEFINE_string("npz", DEFAULT_NPZ, "Dataset npz (default: Fashion-MNIST).")
 flags.DEFINE_bool("quick", False, "A few-minute smoke version (used by the tests).")
 flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
+flags.DEFINE_bool(
+    "investigate", False, "Also run the INVESTIGATIONS variants on the first noise."
+)
 
 
 def main(argv):
@@ -312,8 +357,16 @@ def main(argv):
     if unknown:
         sys.exit(f"memorisation: unknown --methods {sorted(unknown)}; use {METHODS}.")
     setting = QUICK if FLAGS.quick else Setting()
-    results = run_benchmark(setting, FLAGS.npz, FLAGS.out, methods=FLAGS.methods)
+    results = run_benchmark(
+        setting,
+        FLAGS.npz,
+        FLAGS.out,
+        methods=FLAGS.methods,
+        investigate=FLAGS.investigate,
+    )
     print(markdown_table(results))
+    if FLAGS.investigate:
+        print(investigation_table(results))
     for key, runs in results["runs"].items():
         if "ce" in runs:
             print(key, "CE memorisation:", memorisation_evidence(runs["ce"]["history"]))

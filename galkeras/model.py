@@ -274,9 +274,10 @@ class GAL(keras.Model):
             (self.optimizer_b, self.twin_b),
             (self.student_optimizer, self.student),
         )
-        for opt, net in pairs:
-            if not opt.built:
-                opt.build(net.trainable_variables)
+        with self.distribute_strategy.scope():
+            for opt, net in pairs:
+                if not opt.built:
+                    opt.build(net.trainable_variables)
         if self._slots is None:
             self._slots = (
                 optimizer_slots(self.optimizer, self.twin_a.trainable_variables),
