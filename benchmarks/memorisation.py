@@ -30,7 +30,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from galkeras import train
 
@@ -351,6 +351,7 @@ flags.DEFINE_bool(
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     if not os.path.exists(FLAGS.npz):
         sys.exit(f"memorisation: --npz={FLAGS.npz} does not exist.")
     unknown = set(FLAGS.methods) - set(METHODS)
