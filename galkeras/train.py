@@ -13,6 +13,9 @@ import time
 
 from absl import app, flags, logging
 
+from galkeras import noise
+from galkeras.datasets.cifar import REAL_NOISE_TYPES
+
 _DEFAULTS = dict(
     dataset="digits",
     data_dir=None,
@@ -46,16 +49,15 @@ _DEFAULTS = dict(
     verbose=2,
 )
 
-# Names below mirror the modules that own them; importing those modules pulls in
-# TensorFlow, so the CLI keeps plain copies and a test checks they agree.
-NOISE_TYPES = ("none", "sym", "sym_inclusive", "pairflip", "asym")
+NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
+# The names below mirror modules that import TensorFlow; the CLI keeps plain copies
+# so it can reject bad flags before TensorFlow loads, and a test checks they agree.
 BACKBONES = ("small_cnn",)
 UPDATE_RULES = ("agreement", "random", "all")
 SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
 AUGMENTATIONS = ("auto", "none", "crop", "crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
-DEFAULT_AUGMENT = {"digits": "crop"}
 
 
 @dataclasses.dataclass
@@ -190,7 +192,7 @@ def _prepare(config):
 
     import numpy as np
 
-    from galkeras import export, noise
+    from galkeras import export
     from galkeras.datasets import check_dataset_spec, load_dataset
 
     check_dataset_spec(config.dataset)
@@ -200,17 +202,7 @@ def _prepare(config):
             f"--batch_size={config.batch_size} exceeds the {data.num_train} training "
             f"images of {data.name}."
         )
-    noisy = noise.apply_label_noise(
-        data.y_train,
-        config.noise_type,
-        config.noise_rate,
-        data.num_classes,
-        seed=config.noise_seed,
-        dataset=data.name,
-    )
-    clean = data.y_train_clean
-    if clean is None and config.noise_type != "none":
-        clean = data.y_train  # the labels before synthetic noise
+    noisy, clean = training_labels(data, config)
     noise_rate_actual = (
         noise.actual_noise_rate(clean, noisy) if clean is not None else None
     )
@@ -277,7 +269,7 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
             sampling=config.sampling,
             seed=config.seed,
             augment=augment.make_augment(
-                _augment_kind(config, data.name), data.image_shape, seed=config.seed
+                _augment_kind(config, data), data.image_shape, seed=config.seed
             ),
             clean_labels=clean,
             num_classes=data.num_classes,
@@ -396,10 +388,41 @@ def format_summary(summary):
     return "\n".join(lines)
 
 
-def _augment_kind(config, dataset_name):
-    if config.augment != "auto":
-        return config.augment
-    return DEFAULT_AUGMENT.get(dataset_name, "none")
+def training_labels(data, config):
+    """`(noisy, clean)` training labels for `config.noise_type`.
+
+    A real-noise type (`aggre`, `worse`, ..., `noisy`) selects one of the
+    dataset's human label sets. A synthetic type is applied, deterministically
+    under `--noise_seed`, to the source's annotated labels; those become the
+    clean reference unless the source knows better (`y_train_clean`).
+    """
+    from galkeras.datasets import DatasetError
+
+    if config.noise_type in REAL_NOISE_TYPES:
+        sets = data.noisy_label_sets or {}
+        if config.noise_type not in sets:
+            raise DatasetError(
+                f"--noise_type={config.noise_type} is a real-noise label set, but "
+                f"{data.name} has {sorted(sets) or 'none'}; use one of those, or a "
+                f"synthetic type {noise.NOISE_TYPES}."
+            )
+        return sets[config.noise_type], data.y_train_clean
+    noisy = noise.apply_label_noise(
+        data.y_train,
+        config.noise_type,
+        config.noise_rate,
+        data.num_classes,
+        seed=config.noise_seed,
+        dataset=data.name,
+    )
+    clean = data.y_train_clean
+    if clean is None and config.noise_type != "none":
+        clean = data.y_train  # the labels before synthetic noise
+    return noisy, clean
+
+
+def _augment_kind(config, data):
+    return data.augmentation if config.augment == "auto" else config.augment
 
 
 def _strategy():

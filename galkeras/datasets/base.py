@@ -54,6 +54,11 @@ class Dataset:
             `x_train`.
         std: tuple of `C` floats or None. Per-channel pixel standard deviation,
             likewise. A constant channel gets 1.0 so normalising stays finite.
+        noisy_label_sets: dict of name -> int64 array `[N]`, or None. Real
+            human-annotated label sets of the training images (CIFAR-10N's
+            `aggre`, `worse`, ...), selected by `--noise_type`.
+        augmentation: str. The source's default training augmentation, one of
+            `galkeras.augment.AUGMENTATIONS`; `--augment=auto` uses it.
 
     Raises:
         DatasetError: if shapes, dtypes, lengths or labels are inconsistent.
@@ -69,6 +74,8 @@ class Dataset:
     y_train_clean: np.ndarray | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    noisy_label_sets: dict | None = None
+    augmentation: str = "none"
 
     def __post_init__(self):
         def fail(message):
@@ -114,6 +121,18 @@ class Dataset:
                     f"{num_images} images; they must have the same length."
                 )
             set_field(key, labels)
+        if self.noisy_label_sets is not None:
+            label_sets = {}
+            for set_name, labels in self.noisy_label_sets.items():
+                key = f"noisy_label_sets[{set_name!r}]"
+                labels = _as_labels(labels, key, self.num_classes, fail)
+                if len(labels) != len(self.x_train):
+                    fail(
+                        f"{key} has {len(labels)} labels for "
+                        f"{len(self.x_train)} images."
+                    )
+                label_sets[set_name] = labels
+            set_field("noisy_label_sets", label_sets)
 
         num_channels = self.image_shape[-1]
         if self.mean is None or self.std is None:

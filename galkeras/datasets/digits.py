@@ -68,4 +68,6 @@ def load_digits(arg, data_dir):
         num_classes=10,
         class_names=tuple(str(digit) for digit in range(10)),
         y_train_clean=labels[train_ids].copy(),
+        # A ±1-pixel shift; no flip, since a flipped digit is another digit.
+        augmentation="crop",
     )
