@@ -189,6 +189,8 @@ class GAL(keras.Model):
                 keras.metrics.SparseCategoricalAccuracy(name=f"{key}_accuracy")
             )
         # Per-variable share of steps with an open gate (per-layer diagnostics).
+        # Not in `metrics`: Keras resets those before validation, and this one is
+        # read at the end of the epoch. The fit driver resets it every epoch.
         num_vars = len(twin_a.trainable_variables)
         self.variable_open_fraction = VectorMean(
             num_vars, name="variable_open_fraction"
@@ -289,7 +291,6 @@ class GAL(keras.Model):
         return [
             *self._train_trackers.values(),
             *self._test_trackers.values(),
-            self.variable_open_fraction,
         ]
 
     # ---------------------------------------------------------- phase switch
@@ -705,6 +706,7 @@ class _GALDriver(keras.callbacks.Callback):
             self._start_step = epoch * self._training_set.steps_per_epoch
             self._started = True
         self._gal.enter_epoch(epoch)
+        self._gal.variable_open_fraction.reset_state()
         self._gal.refresh_pseudo_labels(self._training_set)
 
     def on_epoch_end(self, epoch, logs=None):

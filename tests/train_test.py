@@ -62,9 +62,18 @@ def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
     rows = [line.split(",") for line in per_variable.strip().splitlines()]
     assert rows[0][0] == "epoch" and rows[1][1:] and len(rows) == 4
     assert all(0.0 <= float(x) <= 1.0 for row in rows[1:] for x in row[1:])
-    assert any(float(x) > 0 for x in rows[-1][1:])  # phase 2 opened some gates
-    history = (tmp_path / "run" / "history.csv").read_text().splitlines()[0]
-    assert "pseudo_label_coverage" in history and "val_student_accuracy" in history
+    import csv
+
+    with open(tmp_path / "run" / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert (
+        "pseudo_label_coverage" in history[0] and "val_student_accuracy" in history[0]
+    )
+    # Averaged over variables, the per-variable open fractions are the epoch's
+    # agreement ratio (both are means over the same steps).
+    for row, epoch in zip(rows[1:], history):
+        mean_open = np.mean([float(x) for x in row[1:]])
+        assert mean_open == pytest.approx(float(epoch["agreement_ratio"]), abs=1e-3)
     labels = np.load(tmp_path / "run" / "labels.npz")
     assert (labels["noisy_labels"] != labels["clean_labels"]).mean() == pytest.approx(
         summary["noise_rate_actual"]
