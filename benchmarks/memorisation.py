@@ -80,6 +80,10 @@ INVESTIGATIONS = {
     "gal_tau08": {"tau": 0.8},
     "gal_zero_grad": {"masked_update": "zero_grad"},
     "gal_random_pairs": {"sampling": "random"},
+    # Controls: is it *which* tensors agree, or only that few are updated? And is
+    # GAL more than stopping the twins and distilling them?
+    "random_p02": {"update_rule": "random", "random_update_prob": 0.2},
+    "gal_tau1": {"tau": 1.0},
 }
 
 

@@ -27,6 +27,10 @@ _DEFAULTS = dict(
     student_backbone="",
     backbone_width=32,
     hidden_units=0,
+    image_size=(),
+    validation_split=0.2,
+    labels_csv="",
+    skip_corrupt_images=False,
     epochs=30,
     warmup_epochs=12,
     batch_size=64,
@@ -74,6 +78,10 @@ class TrainConfig:
     student_backbone: str = _DEFAULTS["student_backbone"]
     backbone_width: int = _DEFAULTS["backbone_width"]
     hidden_units: int = _DEFAULTS["hidden_units"]
+    image_size: tuple = _DEFAULTS["image_size"]
+    validation_split: float = _DEFAULTS["validation_split"]
+    labels_csv: str = _DEFAULTS["labels_csv"]
+    skip_corrupt_images: bool = _DEFAULTS["skip_corrupt_images"]
     epochs: int = _DEFAULTS["epochs"]
     warmup_epochs: int = _DEFAULTS["warmup_epochs"]
     batch_size: int = _DEFAULTS["batch_size"]
@@ -135,6 +143,19 @@ def config_problems(config):
     )
     need(c.backbone_width >= 1, f"--backbone_width={c.backbone_width} must be >= 1.")
     need(c.hidden_units >= 0, f"--hidden_units={c.hidden_units} must be >= 0.")
+    need(
+        len(c.image_size) in (0, 2)
+        and all(str(d).isdigit() and int(d) > 0 for d in c.image_size),
+        f"--image_size={','.join(map(str, c.image_size))} must be empty or H,W > 0.",
+    )
+    need(
+        0.0 < c.validation_split < 1.0,
+        f"--validation_split={c.validation_split} must be in (0, 1).",
+    )
+    need(
+        not c.labels_csv or os.path.isfile(c.labels_csv),
+        f"--labels_csv={c.labels_csv} does not exist.",
+    )
     for flag, value, allowed in (
         ("noise_type", c.noise_type, NOISE_TYPES),
         ("backbone", c.backbone, BACKBONES),
@@ -196,7 +217,15 @@ def _prepare(config):
     from galkeras.datasets import check_dataset_spec, load_dataset
 
     check_dataset_spec(config.dataset)
-    data = load_dataset(config.dataset, data_dir=config.data_dir)
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        image_size=tuple(int(d) for d in config.image_size) or None,
+        validation_split=config.validation_split,
+        labels_csv=config.labels_csv or None,
+        skip_corrupt_images=config.skip_corrupt_images,
+        seed=config.seed,
+    )
     if config.batch_size > data.num_train:
         raise ValueError(
             f"--batch_size={config.batch_size} exceeds the {data.num_train} training "
@@ -316,6 +345,7 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
             "epochs": config.epochs,
             "seconds_per_epoch": seconds / config.epochs,
             "cdas_fallbacks": int(gal.sampler.fallback_count),
+            "skipped_images": data.skipped_images,
             "model_dir": model_dir,
             "export_path": export_path,
         }
@@ -457,6 +487,14 @@ def define_flags():
     flags.DEFINE_integer(
         "hidden_units", d["hidden_units"], "small_cnn: hidden dense units (0: none)."
     )
+    flags.DEFINE_list("image_size", [], "folder: H,W to resize to (default: first).")
+    flags.DEFINE_float(
+        "validation_split", d["validation_split"], "folder: test share without test/."
+    )
+    flags.DEFINE_string("labels_csv", d["labels_csv"], "folder: CSV of path,label.")
+    flags.DEFINE_bool(
+        "skip_corrupt_images", d["skip_corrupt_images"], "Skip undecodable images."
+    )
     flags.DEFINE_integer("epochs", d["epochs"], "Total epochs E.")
     flags.DEFINE_integer("warmup_epochs", d["warmup_epochs"], "Warm-up epochs W.")
     flags.DEFINE_integer("batch_size", d["batch_size"], "Global batch size per twin.")
@@ -509,6 +547,7 @@ def define_flags():
 def config_from_flags():
     values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)}
     values["lr_decay_epochs"] = tuple(int(e) for e in values["lr_decay_epochs"])
+    values["image_size"] = tuple(values["image_size"])
     return TrainConfig(**values)
 
 

@@ -96,7 +96,7 @@ def test_register_custom_loader(monkeypatch):
     calls = []
 
     @datasets.register("tiny_for_test", prefix=True)
-    def load_tiny(arg, data_dir):
+    def load_tiny(arg, data_dir, **options):
         calls.append((arg, data_dir))
         return tiny_dataset(name=f"tiny_{arg}")
 

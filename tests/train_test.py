@@ -208,3 +208,14 @@ def test_run_on_npz_in_process(tmp_path):
     assert summary["dataset"] == "data" and os.path.isdir(summary["export_path"])
     with pytest.raises(train.ConfigError, match="--model_dir"):
         train.run(config)
+
+
+def test_bad_folder_dataset_exits_nonzero(tmp_path):
+    result = _cli(
+        f"--dataset=folder:{tmp_path / 'nowhere'}",
+        f"--model_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "nowhere is not a directory" in result.stderr
+    assert "Traceback" not in result.stderr

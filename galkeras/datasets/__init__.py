@@ -3,7 +3,7 @@
 Importing this package registers every built-in source.
 """
 
-from galkeras.datasets import cifar, digits, npz  # noqa: F401  (they register)
+from galkeras.datasets import cifar, digits, folder, npz  # noqa: F401  (register)
 from galkeras.datasets.base import (
     Dataset,
     DatasetError,

@@ -9,7 +9,7 @@ Example:
 
 ```python
 @register("tiny")
-def load_tiny(arg, data_dir):
+def load_tiny(arg, data_dir, **options):
     return Dataset(name="tiny", x_train=..., y_train=..., ...)
 
 dataset = load_dataset("tiny")
@@ -59,6 +59,7 @@ class Dataset:
             `aggre`, `worse`, ...), selected by `--noise_type`.
         augmentation: str. The source's default training augmentation, one of
             `galkeras.augment.AUGMENTATIONS`; `--augment=auto` uses it.
+        skipped_images: int. Corrupt files a source skipped on request.
 
     Raises:
         DatasetError: if shapes, dtypes, lengths or labels are inconsistent.
@@ -76,6 +77,7 @@ class Dataset:
     std: tuple[float, ...] | None = None
     noisy_label_sets: dict | None = None
     augmentation: str = "none"
+    skipped_images: int = 0
 
     def __post_init__(self):
         def fail(message):
@@ -230,7 +232,8 @@ _LOADERS = {}
 def register(name, *, prefix=False):
     """Registers a dataset loader under `name` (a decorator).
 
-    The loader is called as `loader(arg, data_dir)` and returns a `Dataset`.
+    The loader is called as `loader(arg, data_dir, **options)` and returns a
+    `Dataset`; it takes every option as a keyword and ignores those it does not use.
     A plain loader is selected by the spec `name` and gets `arg=None`; a prefix
     loader is selected by `name:ARG` and gets the text after the colon.
 
@@ -303,7 +306,7 @@ def check_dataset_spec(spec):
     _parse_spec(spec)
 
 
-def load_dataset(spec, data_dir=None):
+def load_dataset(spec, data_dir=None, **options):
     """Loads the dataset named by `spec`.
 
     Args:
@@ -311,6 +314,9 @@ def load_dataset(spec, data_dir=None):
             `name:ARG` for a prefix source, e.g. `npz:/data/mine.npz`.
         data_dir: str or None. Where sources that download or cache data keep
             it; sources that need none ignore it.
+        **options: source options (`image_size`, `validation_split`, ...);
+            every loader takes them as keywords and ignores those it has no use
+            for.
 
     Returns:
         A `Dataset`.
@@ -319,7 +325,7 @@ def load_dataset(spec, data_dir=None):
         DatasetError: for an unknown spec or invalid data.
     """
     loader, arg = _parse_spec(spec)
-    dataset = loader(arg, data_dir)
+    dataset = loader(arg, data_dir, **options)
     if not isinstance(dataset, Dataset):
         raise TypeError(
             f"The loader for {spec!r} returned {type(dataset).__name__}, not a Dataset."

@@ -41,7 +41,7 @@ def stratified_split(labels, test_fraction, seed):
 
 
 @register("digits")
-def load_digits(arg, data_dir):
+def load_digits(arg, data_dir, **options):
     """Loads `digits` (1438 train / 359 test, 8×8×1, 10 classes).
 
     Args:

@@ -124,7 +124,7 @@ def _num_classes(arrays, class_names, path):
 
 
 @register("npz", prefix=True)
-def load_npz(arg, data_dir):
+def load_npz(arg, data_dir, **options):
     """Loads `npz:PATH`; the dataset is named after the file's stem.
 
     Args:
