@@ -367,8 +367,10 @@ class GAL(keras.Model):
             )
         grads_a = tape_a.gradient(loss_a, vars_a)
         grads_b = tape_b.gradient(loss_b, vars_b)
-        grads_a = [tf.convert_to_tensor(g) for g in grads_a]
-        grads_b = [tf.convert_to_tensor(g) for g in grads_b]
+        # Dense gradients (IndexedSlices from embeddings), and zeros for variables
+        # the loss does not reach: such a pair gets cosine 0 and stays closed.
+        grads_a = [_dense(g, v) for g, v in zip(grads_a, vars_a)]
+        grads_b = [_dense(g, v) for g, v in zip(grads_b, vars_b)]
 
         # The cosine must be taken on the *global* gradients, so that every
         # replica computes the same gates. The optimizer still receives the local
@@ -647,6 +649,12 @@ class VectorMean(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "length": self.length}
+
+
+def _dense(gradient, variable):
+    if gradient is None:
+        return tf.zeros_like(variable.value)
+    return tf.convert_to_tensor(gradient)
 
 
 def _assign(var, value):
