@@ -3,7 +3,13 @@
 Importing this package registers every built-in source.
 """
 
-from galkeras.datasets import cifar, digits, folder, npz  # noqa: F401  (register)
+from galkeras.datasets import (  # noqa: F401  (they register)
+    animal10n,
+    cifar,
+    digits,
+    folder,
+    npz,
+)
 from galkeras.datasets.base import (
     Dataset,
     DatasetError,

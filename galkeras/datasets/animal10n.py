@@ -1,0 +1,83 @@
+"""`animal10n`: Animal-10N (paper Table 2), as a TFDS builder over the manual dir.
+
+Animal-10N (Song et al., ICML 2019) has 50,000 training and 5,000 test 64×64
+images of 10 confusable animals, with about 8% real label noise. Its KAIST
+release is downloaded by hand; this builder reads it from the TFDS manual
+directory and prepares a TFDS dataset once.
+"""
+
+import os
+
+import numpy as np
+
+from galkeras.datasets.base import Dataset, DatasetError, register
+
+CLASSES = (
+    "cat",
+    "lynx",
+    "wolf",
+    "coyote",
+    "cheetah",
+    "jaguar",
+    "chimpanzee",
+    "orangutan",
+    "hamster",
+    "guinea pig",
+)
+
+INSTRUCTIONS = """\
+Animal-10N is downloaded by hand from KAIST: https://dm.kaist.ac.kr/datasets/animal-10n/
+Unpack it so that the TFDS manual directory (<data_dir>/downloads/manual/, set
+--data_dir) holds
+    training/<label>_<index>.jpg   (50,000 64x64 JPEGs)
+    testing/<label>_<index>.jpg    (5,000 64x64 JPEGs)
+where <label> is the class id 0-9 in the order: cat, lynx, wolf, coyote, cheetah,
+jaguar, chimpanzee, orangutan, hamster, guinea pig."""
+
+
+def _arrays(dataset, chunk=4096):
+    import tensorflow_datasets as tfds
+
+    parts = {}
+    for batch in tfds.as_numpy(dataset.batch(chunk)):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+@register("animal10n")
+def load_animal10n(arg, data_dir, **options):
+    """Prepares (once) and loads Animal-10N; ~8% real noise, clean labels unknown."""
+    import tensorflow_datasets as tfds
+
+    from galkeras.datasets.animal10n_builder import Animal10n
+
+    builder = Animal10n(data_dir=data_dir)
+    manual = os.path.join(builder.data_dir_root, "downloads", "manual")
+    if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        if not os.path.isdir(manual):
+            raise DatasetError(
+                f"animal10n: no manual directory {manual}.\n{INSTRUCTIONS}"
+            )
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual)
+            )
+        except DatasetError:
+            raise
+        except Exception as error:  # a corrupt JPEG, an unreadable file, ...
+            raise DatasetError(
+                f"animal10n: preparing from {manual} failed: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    train, test = (_arrays(builder.as_dataset(split=s)) for s in ("train", "test"))
+    return Dataset(
+        name="animal10n",
+        x_train=train["image"],
+        y_train=train["label"],
+        x_test=test["image"],
+        y_test=test["label"],
+        num_classes=len(CLASSES),
+        class_names=CLASSES,
+        augmentation="crop_flip",
+    )

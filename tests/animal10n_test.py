@@ -1,0 +1,111 @@
+"""Animal-10N: TFDS' own builder test suite, the galkeras source and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from galkeras.datasets import DatasetError, load_dataset
+from galkeras.datasets.animal10n import CLASSES
+from galkeras.datasets.animal10n_builder import Animal10n
+
+
+def write_fake_release(root, per_split=(("training", 20), ("testing", 10))):
+    """A tiny fake KAIST release: 64×64 JPEGs named `<label>_<index>.jpg`."""
+    rng = np.random.default_rng(0)
+    for split, count in per_split:
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        for i in range(count):
+            label = i % len(CLASSES)
+            image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            with open(os.path.join(root, split, f"{label}_{i}.jpg"), "wb") as f:
+                f.write(tf.io.encode_jpeg(image).numpy())
+    return root
+
+
+class Animal10nBuilderTest(tfds.testing.DatasetBuilderTestCase):
+    DATASET_CLASS = Animal10n
+    EXAMPLE_DIR = write_fake_release(tempfile.mkdtemp(prefix="fake_animal10n_"))
+    SPLITS = {"train": 20, "test": 10}
+    SKIP_CHECKSUMS = True
+
+
+def _data_dir(tmp_path):
+    write_fake_release(str(tmp_path / "downloads" / "manual"))
+    return str(tmp_path)
+
+
+def test_source_prepares_once_and_loads(tmp_path):
+    data_dir = _data_dir(tmp_path)
+    data = load_dataset("animal10n", data_dir=data_dir)
+    assert data.x_train.shape == (20, 64, 64, 3) and data.x_test.shape == (
+        10,
+        64,
+        64,
+        3,
+    )
+    assert data.class_names == CLASSES and data.augmentation == "crop_flip"
+    assert sorted(np.bincount(data.y_train)) == [2] * 10
+    again = load_dataset("animal10n", data_dir=data_dir)  # prepared: no re-read
+    np.testing.assert_array_equal(np.sort(again.y_test), np.sort(data.y_test))
+
+
+def test_missing_or_incomplete_manual_dir_says_where_to_get_it(tmp_path):
+    with pytest.raises(DatasetError, match="dm.kaist.ac.kr"):
+        load_dataset("animal10n", data_dir=str(tmp_path / "empty"))
+    write_fake_release(
+        str(tmp_path / "half" / "downloads" / "manual"), per_split=(("training", 4),)
+    )
+    with pytest.raises(DatasetError) as error:
+        load_dataset("animal10n", data_dir=str(tmp_path / "half"))
+    assert "testing" in str(error.value) and "training/<label>_<index>.jpg" in str(
+        error.value
+    )
+
+
+def test_corrupt_image_is_named(tmp_path):
+    data_dir = _data_dir(tmp_path)
+    bad = tmp_path / "downloads" / "manual" / "training" / "3_999.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match="3_999.jpg"):
+        load_dataset("animal10n", data_dir=data_dir)
+
+
+@pytest.mark.large
+def test_cli_end_to_end_exports_class_names(tmp_path):
+    data_dir = _data_dir(tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "galkeras.train",
+            "--dataset=animal10n",
+            f"--data_dir={data_dir}",
+            "--noise_type=none",
+            "--epochs=2",
+            "--warmup_epochs=1",
+            "--lr_decay_epochs=1",
+            "--batch_size=10",
+            "--backbone_width=4",
+            "--verbose=0",
+            f"--model_dir={tmp_path / 'run'}",
+            f"--export_dir={tmp_path / 'export'}",
+        ],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    serve = tf.saved_model.load(summary["export_path"]).signatures["serving_default"]
+    out = serve(image=tf.zeros([3, 64, 64, 3], tf.uint8))
+    names = [n.decode() for n in out["class_name"].numpy()]
+    assert all(n in CLASSES for n in names)
+    assert names == [CLASSES[i] for i in out["class_id"].numpy()]
