@@ -8,9 +8,7 @@ directory and prepares a TFDS dataset once.
 
 import os
 
-import numpy as np
-
-from galkeras.datasets.base import Dataset, DatasetError, register
+from galkeras.datasets.base import Dataset, DatasetError, register, tfds_split_arrays
 
 CLASSES = (
     "cat",
@@ -33,16 +31,6 @@ Unpack it so that the TFDS manual directory (<data_dir>/downloads/manual/, set
     testing/<label>_<index>.jpg    (5,000 64x64 JPEGs)
 where <label> is the class id 0-9 in the order: cat, lynx, wolf, coyote, cheetah,
 jaguar, chimpanzee, orangutan, hamster, guinea pig."""
-
-
-def _arrays(dataset, chunk=4096):
-    import tensorflow_datasets as tfds
-
-    parts = {}
-    for batch in tfds.as_numpy(dataset.batch(chunk)):
-        for key, value in batch.items():
-            parts.setdefault(key, []).append(value)
-    return {key: np.concatenate(values) for key, values in parts.items()}
 
 
 @register("animal10n")
@@ -70,7 +58,9 @@ def load_animal10n(arg, data_dir, **options):
                 f"animal10n: preparing from {manual} failed: "
                 f"{type(error).__name__}: {error}"
             ) from error
-    train, test = (_arrays(builder.as_dataset(split=s)) for s in ("train", "test"))
+    train, test = (
+        tfds_split_arrays(builder.as_dataset(split=s)) for s in ("train", "test")
+    )
     return Dataset(
         name="animal10n",
         x_train=train["image"],

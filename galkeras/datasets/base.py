@@ -331,3 +331,18 @@ def load_dataset(spec, data_dir=None, **options):
             f"The loader for {spec!r} returned {type(dataset).__name__}, not a Dataset."
         )
     return dataset
+
+
+def tfds_split_arrays(dataset, chunk=4096):
+    """A TFDS split (a `tf.data.Dataset` of feature dicts) as `{feature: array}`.
+
+    Reads in batches of `chunk` rather than with `batch_size=-1`, which needs the
+    split's size up front and breaks under `tfds.testing.mock_data`.
+    """
+    import tensorflow_datasets as tfds
+
+    parts = {}
+    for batch in tfds.as_numpy(dataset.batch(chunk)):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items()}

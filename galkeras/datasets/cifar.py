@@ -12,7 +12,7 @@ for the pseudo-label precision metric.
 
 import numpy as np
 
-from galkeras.datasets.base import Dataset, DatasetError, register
+from galkeras.datasets.base import Dataset, DatasetError, register, tfds_split_arrays
 
 CIFAR10N_LABEL_SETS = {
     "aggre": "aggre_label",
@@ -98,20 +98,9 @@ def _load_tfds(tfds_name, spec_name, data_dir):
             f"prepare it once elsewhere with tfds.load('{tfds_name}') and pass that "
             "TFDS directory as --data_dir."
         ) from error
-    arrays = [_to_arrays(split) for split in splits]
+    arrays = [tfds_split_arrays(split) for split in splits]
     names = builder.info.features["label"].names
     return dict(zip(("train", "test"), arrays)), tuple(names)
-
-
-def _to_arrays(dataset, chunk=4096):
-    """A TFDS split as `{feature: array}`, read in chunks of `chunk` examples."""
-    import tensorflow_datasets as tfds
-
-    parts = {}
-    for batch in tfds.as_numpy(dataset.batch(chunk)):
-        for key, value in batch.items():
-            parts.setdefault(key, []).append(value)
-    return {key: np.concatenate(values) for key, values in parts.items()}
 
 
 def _cifar(tfds_name, spec_name, data_dir, label_sets=None):
