@@ -461,8 +461,15 @@ class GAL(keras.Model):
     def _twin_probabilities(self, images):
         """`(softmax θA, softmax θB)`; before the split θB is θA (spec)."""
         p_a = tf.nn.softmax(tf.cast(self.twin_a(images, training=False), tf.float32))
-        p_b = tf.nn.softmax(tf.cast(self.twin_b(images, training=False), tf.float32))
-        return p_a, tf.where(self.twins_split > 0, p_b, p_a)
+        # During warm-up θB is untrained and stands for θA: skip its forward pass.
+        p_b = tf.cond(
+            self.twins_split > 0,
+            lambda: tf.nn.softmax(
+                tf.cast(self.twin_b(images, training=False), tf.float32)
+            ),
+            lambda: p_a,
+        )
+        return p_a, p_b
 
     def joint_probabilities(self, images):
         """Eq. (6): `p_joint = (softmax θA(x) + softmax θB(x)) / 2`, inference mode."""
