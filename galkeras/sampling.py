@@ -287,14 +287,10 @@ def make_pair_loader(sampler, images, labels):
 
     def gather(step):
         idx_a, idx_b = sampler.plan(step)
-        return (
-            images[idx_a],
-            labels[idx_a],
-            idx_a,
-            images[idx_b],
-            labels[idx_b],
-            idx_b,
-        )
+        batch_a = images[idx_a]
+        # Warm-up and `identical` give θB θA's indices: gather the batch once.
+        batch_b = batch_a if np.array_equal(idx_a, idx_b) else images[idx_b]
+        return (batch_a, labels[idx_a], idx_a, batch_b, labels[idx_b], idx_b)
 
     def load(step):
         outputs = tf.numpy_function(
@@ -366,11 +362,14 @@ def paired_dataset(
     if augment is not None:
 
         def augment_pair(element):
-            return {
-                **element,
-                "image_a": augment(element["image_a"]),
-                "image_b": augment(element["image_b"]),
-            }
+            image_a = augment(element["image_a"])
+            # When θB's batch is θA's (warm-up, where θB does not train, and
+            # `identical`), it gets θA's augmented images instead of a second pass.
+            same = tf.reduce_all(tf.equal(element["id_a"], element["id_b"]))
+            image_b = tf.cond(
+                same, lambda: image_a, lambda: augment(element["image_b"])
+            )
+            return {**element, "image_a": image_a, "image_b": image_b}
 
         dataset = dataset.map(
             augment_pair, num_parallel_calls=num_parallel_calls, deterministic=True

@@ -359,3 +359,28 @@ def test_module_exports_modes():
         "random",
         "identical",
     )
+
+
+def test_random_augment_is_drawn_once_when_theta_b_shares_theta_a_batch(pair_data):
+    sampler, images, labels = pair_data  # warm-up: steps 0 and 1
+
+    def noisy(batch):
+        return batch + tf.random.uniform(tf.shape(batch), maxval=0.5)
+
+    dataset = paired_dataset(sampler, images, labels, start_step=0, augment=noisy)
+    elements = [next(it) for it in [iter(dataset)] for _ in range(4)]
+    for step, element in enumerate(elements):
+        same = np.array_equal(element["image_a"], element["image_b"])
+        # Warm-up reuses θA's augmented batch; CDAS steps augment θB's own batch.
+        assert same == (step < sampler.warmup_steps)
+        assert_element_matches_plan(
+            {
+                **element,
+                "image_a": np.floor(element["image_a"]),
+                "image_b": np.floor(element["image_b"]),
+            },
+            sampler,
+            images,
+            labels,
+            step,
+        )

@@ -8,7 +8,13 @@ directory and prepares a TFDS dataset once.
 
 import os
 
-from galkeras.datasets.base import Dataset, DatasetError, register, tfds_split_arrays
+from galkeras.datasets.base import (
+    Dataset,
+    DatasetError,
+    register,
+    tfds_manual_dir,
+    tfds_split_arrays,
+)
 
 CLASSES = (
     "cat",
@@ -41,7 +47,7 @@ def load_animal10n(arg, data_dir, **options):
     from galkeras.datasets.animal10n_builder import Animal10n
 
     builder = Animal10n(data_dir=data_dir)
-    manual = os.path.join(builder.data_dir_root, "downloads", "manual")
+    manual = tfds_manual_dir(data_dir)
     if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
         if not os.path.isdir(manual):
             raise DatasetError(

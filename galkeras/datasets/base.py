@@ -333,6 +333,17 @@ def load_dataset(spec, data_dir=None, **options):
     return dataset
 
 
+def tfds_manual_dir(data_dir):
+    """TFDS' manual-download directory: `<data_dir>/downloads/manual`, where
+    `data_dir` defaults to `$TFDS_DATA_DIR` or `~/tensorflow_datasets` as in TFDS."""
+    import os
+
+    root = data_dir or os.environ.get(
+        "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
+    )
+    return os.path.join(root, "downloads", "manual")
+
+
 def tfds_split_arrays(dataset, chunk=4096):
     """A TFDS split (a `tf.data.Dataset` of feature dicts) as `{feature: array}`.
 
@@ -346,3 +357,30 @@ def tfds_split_arrays(dataset, chunk=4096):
         for key, value in batch.items():
             parts.setdefault(key, []).append(value)
     return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def stratified_split(labels, test_fraction, seed, min_test_per_class=0):
+    """Splits sample ids per class: `round(test_fraction * n_j)` of class j test.
+
+    Written in NumPy rather than with scikit-learn's `train_test_split`, so the
+    split depends only on NumPy's `default_rng` stream.
+
+    Args:
+        labels: 1-D integer array.
+        test_fraction: float in `[0, 1]`.
+        seed: int. Seed of `np.random.default_rng`; the classes are permuted
+            in increasing class order from one generator.
+        min_test_per_class: int. At least this many of each class go to test.
+
+    Returns:
+        `(train_ids, test_ids)`, sorted int64 arrays that partition the ids.
+    """
+    rng = np.random.default_rng(seed)
+    test_ids = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = max(min_test_per_class, int(round(test_fraction * len(members))))
+        test_ids.append(members[:count])
+    test_ids = np.sort(np.concatenate(test_ids)).astype(np.int64)
+    train_ids = np.setdiff1d(np.arange(len(labels)), test_ids).astype(np.int64)
+    return train_ids, test_ids

@@ -12,7 +12,13 @@ for the pseudo-label precision metric.
 
 import numpy as np
 
-from galkeras.datasets.base import Dataset, DatasetError, register, tfds_split_arrays
+from galkeras.datasets.base import (
+    Dataset,
+    DatasetError,
+    register,
+    tfds_manual_dir,
+    tfds_split_arrays,
+)
 
 CIFAR10N_LABEL_SETS = {
     "aggre": "aggre_label",
@@ -58,10 +64,7 @@ def _check_manual_dir(builder, tfds_name, spec_name, data_dir):
         return
     if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
         return  # already prepared
-    root = data_dir or os.environ.get(
-        "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
-    )
-    manual_dir = os.path.join(root, "downloads", "manual")
+    manual_dir = tfds_manual_dir(data_dir)
     missing = [
         f
         for f in _MANUAL_NEEDS[tfds_name]

@@ -7,37 +7,12 @@ dataset of the tests and of the quick CPU runs; its labels are clean.
 
 import numpy as np
 
-from galkeras.datasets.base import Dataset, register
+from galkeras.datasets.base import Dataset, register, stratified_split
 
 # Share of each class held out for the test split.
 TEST_FRACTION = 0.2
 # Seed of the fixed split; changing it changes every digits result.
 SPLIT_SEED = 0
-
-
-def stratified_split(labels, test_fraction, seed):
-    """Splits sample ids per class: `round(test_fraction * n_j)` of class j test.
-
-    Written in NumPy rather than with scikit-learn's `train_test_split`, so the
-    split depends only on NumPy's `default_rng` stream.
-
-    Args:
-        labels: 1-D integer array.
-        test_fraction: float in `[0, 1]`.
-        seed: int. Seed of `np.random.default_rng`; the classes are permuted
-            in increasing class order from one generator.
-
-    Returns:
-        `(train_ids, test_ids)`, sorted int64 arrays that partition the ids.
-    """
-    rng = np.random.default_rng(seed)
-    test_ids = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        test_ids.append(members[: int(round(test_fraction * len(members)))])
-    test_ids = np.sort(np.concatenate(test_ids)).astype(np.int64)
-    train_ids = np.setdiff1d(np.arange(len(labels)), test_ids).astype(np.int64)
-    return train_ids, test_ids
 
 
 @register("digits")

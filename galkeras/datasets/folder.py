@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from galkeras.datasets.base import Dataset, DatasetError, register
+from galkeras.datasets.base import Dataset, DatasetError, register, stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -176,11 +176,11 @@ def load_folder(
             )
         classes = _class_dirs(root)
         paths, labels = _scan(root, classes)
-        rng = np.random.default_rng(seed)
+        _, test_ids = stratified_split(
+            labels, validation_split, seed, min_test_per_class=1
+        )
         test_mask = np.zeros(len(paths), bool)
-        for label in range(len(classes)):
-            members = rng.permutation(np.flatnonzero(labels == label))
-            test_mask[members[: max(1, round(validation_split * len(members)))]] = True
+        test_mask[test_ids] = True
         train_paths = [p for p, t in zip(paths, test_mask) if not t]
         test_paths = [p for p, t in zip(paths, test_mask) if t]
         train_labels, test_labels = labels[~test_mask], labels[test_mask]
