@@ -10,6 +10,7 @@ _EXPORTS = {
     "GAL": "galkeras.model",
     "TrainingSet": "galkeras.training_set",
     "PseudoLabelDistillation": "galkeras.distill",
+    "ImageFiles": "galkeras.image_files",
 }
 _SUBMODULES = (
     "agreement",
@@ -18,6 +19,7 @@ _SUBMODULES = (
     "datasets",
     "distill",
     "export",
+    "image_files",
     "model",
     "noise",
     "optimizers",

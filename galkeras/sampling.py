@@ -259,55 +259,100 @@ class CDASSampler:
 def make_pair_loader(sampler, images, labels):
     """The function `paired_dataset` maps over global steps.
 
-    It runs `sampler.plan(step)` and gathers both batches from the in-memory
-    arrays in one `tf.numpy_function`, so the image array never becomes a
-    graph constant. It works eagerly and inside `tf.data.Dataset.map`.
+    It runs `sampler.plan(step)` and gathers both batches in one
+    `tf.numpy_function`: from an in-memory array, the pixels (so the array
+    never becomes a graph constant); from `ImageFiles`, the file paths, which
+    are then read and decoded in the graph. When θB's indices equal θA's
+    (warm-up, `identical`), the batch is gathered and decoded once. It works
+    eagerly and inside `tf.data.Dataset.map`.
 
     Args:
         sampler: `CDASSampler`.
-        images: uint8 array `[N, H, W, C]`.
+        images: uint8 array `[N, H, W, C]`, or `galkeras.ImageFiles`.
         labels: int array `[N]`, the annotated labels.
 
     Returns:
         `load(step) -> dict` with `image_a` (float32 `[bs, H, W, C]`, 0–255),
         `label_a` (int32 `[bs]`), `id_a` (int64 `[bs]`) and the same for `_b`.
     """
-    images = np.asarray(images)
+    source = _ImageSource(images)
     labels = np.asarray(labels).astype(np.int32)
-    if images.ndim != 4:
-        raise ValueError(f"`images` must be [N, H, W, C], got shape {images.shape}.")
-    if not len(images) == len(labels) == sampler.num_examples:
+    if not len(source) == len(labels) == sampler.num_examples:
         raise ValueError(
-            f"`images` ({len(images)}), `labels` ({len(labels)}) and the sampler "
+            f"`images` ({len(source)}), `labels` ({len(labels)}) and the sampler "
             f"({sampler.num_examples}) must hold the same number of examples."
         )
-    image_dtype = tf.as_dtype(images.dtype)
     batch_size = sampler.batch_size
-    image_shape = (batch_size,) + images.shape[1:]
 
     def gather(step):
         idx_a, idx_b = sampler.plan(step)
-        batch_a = images[idx_a]
+        batch_a = source.gather(idx_a)
         # Warm-up and `identical` give θB θA's indices: gather the batch once.
-        batch_b = batch_a if np.array_equal(idx_a, idx_b) else images[idx_b]
+        batch_b = batch_a if np.array_equal(idx_a, idx_b) else source.gather(idx_b)
         return (batch_a, labels[idx_a], idx_a, batch_b, labels[idx_b], idx_b)
 
     def load(step):
         outputs = tf.numpy_function(
             gather,
             [step],
-            [image_dtype, tf.int32, tf.int64] * 2,
+            [source.gathered_dtype, tf.int32, tf.int64] * 2,
             stateful=False,
         )
-        element = {}
-        for suffix, (image, label, ids) in zip(("a", "b"), (outputs[:3], outputs[3:])):
-            image = tf.ensure_shape(image, image_shape)
-            element[f"image_{suffix}"] = tf.cast(image, tf.float32)
-            element[f"label_{suffix}"] = tf.ensure_shape(label, (batch_size,))
-            element[f"id_{suffix}"] = tf.ensure_shape(ids, (batch_size,))
-        return element
+        id_a = tf.ensure_shape(outputs[2], (batch_size,))
+        id_b = tf.ensure_shape(outputs[5], (batch_size,))
+        image_a = source.to_images(outputs[0], batch_size)
+        image_b = tf.cond(
+            tf.reduce_all(tf.equal(id_a, id_b)),
+            lambda: image_a,
+            lambda: source.to_images(outputs[3], batch_size),
+        )
+        return {
+            "image_a": image_a,
+            "label_a": tf.ensure_shape(outputs[1], (batch_size,)),
+            "id_a": id_a,
+            "image_b": image_b,
+            "label_b": tf.ensure_shape(outputs[4], (batch_size,)),
+            "id_b": id_b,
+        }
 
     return load
+
+
+class _ImageSource:
+    """Random access to training images, in memory or as `ImageFiles`.
+
+    `gather(ids)` runs in NumPy (inside a `tf.numpy_function`) and returns the
+    pixels or the paths; `to_images` turns its output into float32 images in
+    the graph, decoding files there so decoding runs in parallel outside the GIL.
+    """
+
+    def __init__(self, images):
+        from galkeras.image_files import ImageFiles
+
+        self.files = images if isinstance(images, ImageFiles) else None
+        if self.files is not None:
+            self.values = self.files.paths.astype(str).astype(bytes)
+            self.gathered_dtype = tf.string
+        else:
+            self.values = np.asarray(images)
+            if self.values.ndim != 4:
+                raise ValueError(
+                    f"`images` must be [N, H, W, C], got shape {self.values.shape}."
+                )
+            self.gathered_dtype = tf.as_dtype(self.values.dtype)
+        self.image_shape = tuple(images.shape[1:])
+
+    def __len__(self):
+        return len(self.values)
+
+    def gather(self, ids):
+        return self.values[ids]
+
+    def to_images(self, gathered, batch_size):
+        if self.files is not None:
+            gathered = self.files.decode_paths(tf.ensure_shape(gathered, (batch_size,)))
+        images = tf.ensure_shape(gathered, (batch_size, *self.image_shape))
+        return tf.cast(images, tf.float32)
 
 
 def paired_dataset(
@@ -329,8 +374,11 @@ def paired_dataset(
             callable is called each time an iterator is created, so a training
             loop can choose where the stream resumes.
         augment: optional function on a float32 image batch, applied to
-            `image_a` and `image_b` separately (e.g. Keras preprocessing
-            layers).
+            `image_a` and `image_b` separately. A `galkeras.augment.Augment`
+            (or any callable with `takes_seed = True`) is called as
+            `augment(images, seed)` with a stateless seed made of the
+            sampler's seed, the step and the twin, so augmentation is
+            reproducible; any other callable as `augment(images)`.
         num_parallel_calls: parallelism of the load and augment maps.
 
     Returns:
@@ -355,25 +403,31 @@ def paired_dataset(
         return tf.data.Dataset.range(tf.reshape(start, []), 2**62)
 
     load = make_pair_loader(sampler, images, labels)
+    seeded = getattr(augment, "takes_seed", False)
+
+    def augment_images(images, step, twin):
+        if not seeded:
+            return augment(images)
+        # A stateless seed per (run, step, twin): reproducible in any thread.
+        return augment(images, tf.stack([sampler.seed, step * 2 + twin]))
+
+    def load_and_augment(step):
+        element = load(step)
+        if augment is None:
+            return element
+        image_a = augment_images(element["image_a"], step, 0)
+        # When θB's batch is θA's (warm-up, where θB does not train, and
+        # `identical`), it gets θA's augmented images instead of a second pass.
+        same = tf.reduce_all(tf.equal(element["id_a"], element["id_b"]))
+        image_b = tf.cond(
+            same, lambda: image_a, lambda: augment_images(element["image_b"], step, 1)
+        )
+        return {**element, "image_a": image_a, "image_b": image_b}
+
     dataset = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(steps_from)
     dataset = dataset.map(
-        load, num_parallel_calls=num_parallel_calls, deterministic=True
+        load_and_augment, num_parallel_calls=num_parallel_calls, deterministic=True
     )
-    if augment is not None:
-
-        def augment_pair(element):
-            image_a = augment(element["image_a"])
-            # When θB's batch is θA's (warm-up, where θB does not train, and
-            # `identical`), it gets θA's augmented images instead of a second pass.
-            same = tf.reduce_all(tf.equal(element["id_a"], element["id_b"]))
-            image_b = tf.cond(
-                same, lambda: image_a, lambda: augment(element["image_b"])
-            )
-            return {**element, "image_a": image_a, "image_b": image_b}
-
-        dataset = dataset.map(
-            augment_pair, num_parallel_calls=num_parallel_calls, deterministic=True
-        )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     return dataset.with_options(_data_sharded_options())
 
@@ -382,31 +436,47 @@ def inference_dataset(images, batch_size):
     """All N images in order, un-augmented, for the pseudo-label refresh.
 
     Args:
-        images: uint8 array `[N, H, W, C]`, held in memory.
+        images: uint8 array `[N, H, W, C]` in memory, or `galkeras.ImageFiles`.
         batch_size: int, images per batch; the last, partial batch is kept.
 
     Returns:
         A dataset of dicts `{"image": float32 [b, H, W, C], "id": int64 [b]}`.
     """
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"`images` must be [N, H, W, C], got shape {images.shape}.")
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    image_dtype = tf.as_dtype(images.dtype)
-    image_shape = (None,) + images.shape[1:]
+    source = _ImageSource(images)
 
     def load(ids):
-        batch = tf.numpy_function(
-            lambda i: images[i], [ids], image_dtype, stateful=False
+        gathered = tf.numpy_function(
+            source.gather, [ids], source.gathered_dtype, stateful=False
         )
-        batch = tf.ensure_shape(batch, image_shape)
-        return {"image": tf.cast(batch, tf.float32), "id": ids}
+        return {"image": source.to_images(gathered, None), "id": ids}
 
-    dataset = tf.data.Dataset.range(len(images)).batch(batch_size)
+    dataset = tf.data.Dataset.range(len(source)).batch(batch_size)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     return dataset.with_options(_data_sharded_options())
+
+
+def evaluation_dataset(images, labels, batch_size):
+    """`(image, label)` batches in order, un-augmented, for `validation_data`.
+
+    Args:
+        images: uint8 array `[M, H, W, C]` in memory, or `galkeras.ImageFiles`.
+        labels: int array `[M]`.
+        batch_size: int, images per batch; the last, partial batch is kept.
+
+    Returns:
+        A dataset of `(float32 [b, H, W, C], int64 [b])` tuples.
+    """
+    labels = np.asarray(labels, np.int64)
+    if len(labels) != len(images):
+        raise ValueError(
+            f"{len(images)} images but {len(labels)} labels; they must match."
+        )
+    return inference_dataset(images, batch_size).map(
+        lambda batch: (batch["image"], tf.gather(labels, batch["id"]))
+    )
 
 
 def _data_sharded_options():

@@ -60,7 +60,7 @@ BACKBONES = ("small_cnn",)
 UPDATE_RULES = ("agreement", "random", "all")
 SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
-AUGMENTATIONS = ("auto", "none", "crop", "crop_flip")
+AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 
 
@@ -258,7 +258,7 @@ def _prepare(config):
 def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir):
     import keras
 
-    from galkeras import augment, backbones, export, optimizers
+    from galkeras import augment, backbones, export, optimizers, sampling
     from galkeras.model import GAL
     from galkeras.training_set import TrainingSet
 
@@ -297,9 +297,7 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
             batch_size=config.batch_size,
             sampling=config.sampling,
             seed=config.seed,
-            augment=augment.make_augment(
-                _augment_kind(config, data), data.image_shape, seed=config.seed
-            ),
+            augment=augment.make_augment(_augment_kind(config, data), data.image_shape),
             clean_labels=clean,
             num_classes=data.num_classes,
         )
@@ -321,7 +319,9 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
     history = gal.fit(
         training_set,
         epochs=config.epochs,
-        validation_data=(data.x_test, data.y_test),
+        validation_data=sampling.evaluation_dataset(
+            data.x_test, data.y_test, config.batch_size
+        ),
         callbacks=[
             keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv")),
             per_variable_agreement_logger(

@@ -17,13 +17,15 @@ class TrainingSet:
     and builds the paired-batch pipeline from it.
 
     Args:
-        images: uint8 `[N, H, W, C]` (or `[N, H, W]`), raw pixels.
+        images: uint8 `[N, H, W, C]` (or `[N, H, W]`), raw pixels, or
+            `galkeras.ImageFiles` for images decoded from disk on demand.
         labels: int `[N]`, the annotated labels that training sees.
         batch_size: global batch size of each twin.
         sampling: one of `galkeras.sampling.SAMPLING_MODES` (default `"cdas"`).
         seed: seed of the batch plan (shuffles, matched batches).
-        augment: optional function applied inside `tf.data` to a float32 image
-            batch in the 0-255 scale (e.g. Keras preprocessing layers).
+        augment: optional augmentation applied inside `tf.data` to a float32
+            image batch in the 0-255 scale: `galkeras.augment.make_augment(...)`
+            (reproducible, seeded per step), or any function of the batch.
         clean_labels: optional int `[N]` true labels, for pseudo-label precision.
         num_classes: K; inferred as `max(labels) + 1` when omitted.
     """
@@ -38,7 +40,11 @@ class TrainingSet:
     num_classes: Optional[int] = None
 
     def __post_init__(self):
-        images = np.asarray(self.images)
+        from galkeras.image_files import ImageFiles
+
+        images = self.images
+        if not isinstance(images, ImageFiles):
+            images = np.asarray(images)
         if images.ndim == 3:
             images = images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:

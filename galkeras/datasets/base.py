@@ -32,7 +32,8 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """An in-memory image classification dataset.
+    """An image classification dataset: labels in memory, images in memory or
+    on disk.
 
     Images are uint8 pixels in `[0, 255]`, shaped `[N, H, W, C]`; `[N, H, W]` is
     accepted and gets a channel axis. Labels are int64 in `[0, num_classes)`;
@@ -40,10 +41,13 @@ class Dataset:
 
     Args:
         name: str. The dataset's name, used in logs and run directories.
-        x_train: uint8 array `[N, H, W, C]`, the training images.
+        x_train: uint8 array `[N, H, W, C]`, the training images, or
+            `galkeras.ImageFiles` for a source too large to hold in memory
+            (Clothing1M); its images are decoded on demand in `tf.data`.
         y_train: int64 array `[N]`, the annotated training labels as the source
             gives them (real noise included), before any synthetic noise.
-        x_test: uint8 array `[M, H, W, C]`, the clean test images.
+        x_test: uint8 array `[M, H, W, C]` or `ImageFiles`, the clean test
+            images.
         y_test: int64 array `[M]`, the test labels.
         num_classes: int. The number of classes `K`, at least 2.
         class_names: tuple of `K` strings.
@@ -137,6 +141,13 @@ class Dataset:
             set_field("noisy_label_sets", label_sets)
 
         num_channels = self.image_shape[-1]
+        if (self.mean is None or self.std is None) and not isinstance(
+            self.x_train, np.ndarray
+        ):
+            fail(
+                "images decoded from disk (ImageFiles) need the source to give "
+                "mean and std; computing them would decode every image."
+            )
         if self.mean is None or self.std is None:
             mean, std = channel_mean_std(self.x_train)
             set_field("mean", self.mean if self.mean is not None else mean)
@@ -164,6 +175,10 @@ class Dataset:
 
 
 def _as_images(images, key, fail):
+    from galkeras.image_files import ImageFiles
+
+    if isinstance(images, ImageFiles):
+        return images
     images = np.asarray(images)
     if images.dtype != np.uint8:
         fail(
@@ -342,6 +357,40 @@ def tfds_manual_dir(data_dir):
         "TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets")
     )
     return os.path.join(root, "downloads", "manual")
+
+
+def prepare_manual_builder(builder, name, instructions, data_dir):
+    """Prepares a manual-download TFDS builder once; later calls do nothing.
+
+    Args:
+        builder: a `tfds.core.DatasetBuilder` whose data come from the manual dir.
+        name: str, the dataset's name in messages.
+        instructions: str, where to get the data and how to lay it out.
+        data_dir: the TFDS data directory, or None for TFDS' default.
+
+    Raises:
+        DatasetError: naming the manual directory and the instructions when it is
+            missing, and the cause when preparing fails (a corrupt file, ...).
+    """
+    import os
+
+    import tensorflow_datasets as tfds
+
+    if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        return
+    manual = tfds_manual_dir(data_dir)
+    if not os.path.isdir(manual):
+        raise DatasetError(f"{name}: no manual directory {manual}.\n{instructions}")
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual)
+        )
+    except DatasetError:
+        raise
+    except Exception as error:  # an unreadable file, a full disk, ...
+        raise DatasetError(
+            f"{name}: preparing from {manual} failed: {type(error).__name__}: {error}"
+        ) from error
 
 
 def tfds_split_arrays(dataset, chunk=4096):
