@@ -6,6 +6,7 @@ Importing this package registers every built-in source.
 from galkeras.datasets import (  # noqa: F401  (they register)
     animal10n,
     cifar,
+    clothing1m,
     digits,
     folder,
     npz,

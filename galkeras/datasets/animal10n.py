@@ -6,13 +6,10 @@ release is downloaded by hand; this builder reads it from the TFDS manual
 directory and prepares a TFDS dataset once.
 """
 
-import os
-
 from galkeras.datasets.base import (
     Dataset,
-    DatasetError,
+    prepare_manual_builder,
     register,
-    tfds_manual_dir,
     tfds_split_arrays,
 )
 
@@ -42,28 +39,10 @@ jaguar, chimpanzee, orangutan, hamster, guinea pig."""
 @register("animal10n")
 def load_animal10n(arg, data_dir, **options):
     """Prepares (once) and loads Animal-10N; ~8% real noise, clean labels unknown."""
-    import tensorflow_datasets as tfds
-
     from galkeras.datasets.animal10n_builder import Animal10n
 
     builder = Animal10n(data_dir=data_dir)
-    manual = tfds_manual_dir(data_dir)
-    if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-        if not os.path.isdir(manual):
-            raise DatasetError(
-                f"animal10n: no manual directory {manual}.\n{INSTRUCTIONS}"
-            )
-        try:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=manual)
-            )
-        except DatasetError:
-            raise
-        except Exception as error:  # a corrupt JPEG, an unreadable file, ...
-            raise DatasetError(
-                f"animal10n: preparing from {manual} failed: "
-                f"{type(error).__name__}: {error}"
-            ) from error
+    prepare_manual_builder(builder, "animal10n", INSTRUCTIONS, data_dir)
     train, test = (
         tfds_split_arrays(builder.as_dataset(split=s)) for s in ("train", "test")
     )
