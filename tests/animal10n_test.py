@@ -29,6 +29,79 @@ def write_fake_release(root, per_split=(("training", 20), ("testing", 10))):
     return root
 
 
+def write_fake_binary_release(
+    root,
+    counts=(("data_batch_1", 12), ("data_batch_2", 8), ("test_batch", 10)),
+    byteorder="<",
+):
+    """A tiny fake binary release. Returns `{file: (ids, labels, images HWC)}`."""
+    rng = np.random.default_rng(1)
+    os.makedirs(root, exist_ok=True)
+    written = {}
+    for name, count in counts:
+        ids = np.arange(count) + 1000 * len(written)
+        labels = np.arange(count) % len(CLASSES)
+        images = rng.integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
+        header = np.stack([ids, labels], axis=1).astype(f"{byteorder}i4")
+        records = np.concatenate(
+            [
+                header.view(np.uint8).reshape(count, 8),
+                images.transpose(0, 3, 1, 2).reshape(count, -1),
+            ],
+            axis=1,
+        )
+        with open(os.path.join(root, f"{name}.bin"), "wb") as f:
+            f.write(records.tobytes())
+        written[name] = (ids, labels, images)
+    return written
+
+
+class Animal10nBinaryBuilderTest(tfds.testing.DatasetBuilderTestCase):
+    DATASET_CLASS = Animal10n
+    EXAMPLE_DIR = tempfile.mkdtemp(prefix="fake_animal10n_bin_")
+    SPLITS = {"train": 20, "test": 10}
+    SKIP_CHECKSUMS = True
+
+
+write_fake_binary_release(Animal10nBinaryBuilderTest.EXAMPLE_DIR)
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_binary_release_pixels_and_labels_round_trip(tmp_path, byteorder):
+    written = write_fake_binary_release(
+        str(tmp_path / "downloads" / "manual"), byteorder=byteorder
+    )
+    data = load_dataset("animal10n", data_dir=str(tmp_path))
+    for images, labels, parts in (
+        (data.x_train, data.y_train, ("data_batch_1", "data_batch_2")),
+        (data.x_test, data.y_test, ("test_batch",)),
+    ):
+        expected = {
+            written[p][2][i].tobytes(): written[p][1][i]
+            for p in parts
+            for i in range(len(written[p][1]))
+        }
+        assert len(images) == len(expected)
+        for image, label in zip(images, labels):
+            assert expected[image.tobytes()] == label  # exact pixels, right label
+
+
+def test_binary_release_bad_size_or_label_is_named(tmp_path):
+    manual = tmp_path / "a" / "downloads" / "manual"
+    write_fake_binary_release(str(manual))
+    with open(manual / "data_batch_2.bin", "ab") as f:
+        f.write(b"xyz")
+    with pytest.raises(DatasetError, match="data_batch_2.bin is .* not a whole"):
+        load_dataset("animal10n", data_dir=str(tmp_path / "a"))
+    manual = tmp_path / "b" / "downloads" / "manual"
+    write_fake_binary_release(str(manual))
+    data = bytearray((manual / "test_batch.bin").read_bytes())
+    data[4 + 2 * 12296 : 8 + 2 * 12296] = (10).to_bytes(4, "little")
+    (manual / "test_batch.bin").write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="test_batch.bin, record 2: label"):
+        load_dataset("animal10n", data_dir=str(tmp_path / "b"))
+
+
 class Animal10nBuilderTest(tfds.testing.DatasetBuilderTestCase):
     DATASET_CLASS = Animal10n
     EXAMPLE_DIR = write_fake_release(tempfile.mkdtemp(prefix="fake_animal10n_"))

@@ -33,7 +33,9 @@ Unpack it so that the TFDS manual directory (<data_dir>/downloads/manual/, set
     training/<label>_<index>.jpg   (50,000 64x64 JPEGs)
     testing/<label>_<index>.jpg    (5,000 64x64 JPEGs)
 where <label> is the class id 0-9 in the order: cat, lynx, wolf, coyote, cheetah,
-jaguar, chimpanzee, orangutan, hamster, guinea pig."""
+jaguar, chimpanzee, orangutan, hamster, guinea pig. The binary release works too:
+    data_batch_*.bin, test_batch.bin   (records of a 4-byte id, a 4-byte label,
+                                        then a 3x64x64 depth-major image)"""
 
 
 @register("animal10n")
