@@ -187,3 +187,44 @@ def test_training_run_decodes_from_disk_and_exports(tmp_path):
     serve = tf.saved_model.load(summary["export_path"]).signatures["serving_default"]
     out = serve(image=tf.zeros([2, 16, 16, 3], tf.uint8))
     assert [n.decode() in CLASSES for n in out["class_name"].numpy()] == [True] * 2
+
+
+@pytest.mark.large
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda m: _append(m / "clean_label_kv.txt", "images/0/00/x.jpg 3 4"), "line"),
+        (lambda m: (m / "images/1/01/train_1.jpg").write_bytes(b""), "empty file"),
+        (lambda m: (m / "noisy_train_key_list.txt").unlink(), "lacks"),
+    ],
+    ids=["malformed_line", "corrupt_image", "incomplete_manual_dir"],
+)
+def test_cli_bad_release_exits_2_before_training(tmp_path, damage, named):
+    import subprocess
+    import sys
+
+    manual = tmp_path / "downloads" / "manual"
+    write_fake_release(str(manual))
+    damage(manual)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "galkeras.train",
+            "--dataset=clothing1m",
+            f"--data_dir={tmp_path}",
+            f"--model_dir={tmp_path / 'run'}",
+        ],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2 and named in result.stderr
+    assert "clothing1m" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def _append(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
