@@ -16,6 +16,17 @@ from galkeras.training_set import TrainingSet
 MASKED_UPDATES = ("skip", "zero_grad")
 WARMUP, AGREEMENT = "warmup", "agreement"
 
+# What `GAL.last_step` holds after every train step.
+LAST_STEP_KEYS = (
+    "twin_a_loss",
+    "twin_b_loss",
+    "student_loss",
+    "agreement_ratio",
+    "agreement_param_ratio",
+    "updated_ratio",
+    "agreement_per_variable",
+)
+
 
 def optimizer_slots(optimizer, variables):
     """For each variable, the optimizer variables created from it.
@@ -195,6 +206,19 @@ class GAL(keras.Model):
         self.variable_open_fraction = VectorMean(
             num_vars, name="variable_open_fraction"
         )
+        # The latest step's own values (not epoch means), for per-step logging
+        # (Figure 1). Agreement values are the same on every replica; losses are
+        # the first replica's.
+        self.last_step = {
+            key: self.add_weight(
+                shape=(num_vars,) if key == "agreement_per_variable" else (),
+                initializer="zeros",
+                trainable=False,
+                aggregation="only_first_replica",
+                name=f"last_{key}",
+            )
+            for key in LAST_STEP_KEYS
+        }
         self.built = all(m.built for m in (twin_a, twin_b, student))
 
     @classmethod
@@ -338,6 +362,7 @@ class GAL(keras.Model):
             )
         )
         self._train_trackers[f"{tracker_prefix}_loss"].update_state(loss)
+        self.last_step[f"{tracker_prefix}_loss"].assign(loss)
         self._train_trackers[f"{tracker_prefix}_accuracy"].update_state(labels, logits)
         # The optimizer sums gradients over replicas, so each replica contributes
         # its mean divided by the replica count (KERAS_TF_NOTES.md).
@@ -399,6 +424,13 @@ class GAL(keras.Model):
         self._train_trackers["agreement_param_ratio"].update_state(param_frac)
         self._train_trackers["updated_ratio"].update_state(updated_frac)
         self.variable_open_fraction.update_state(tf.cast(agreed, tf.float32))
+        for key, value in (
+            ("agreement_ratio", var_frac),
+            ("agreement_param_ratio", param_frac),
+            ("updated_ratio", updated_frac),
+            ("agreement_per_variable", coefficients),
+        ):
+            self.last_step[key].assign(value)
 
         slots_a, slots_b = self._slots
         self._gated_apply(self.optimizer, grads_a, vars_a, slots_a, gates)
@@ -456,6 +488,7 @@ class GAL(keras.Model):
         grads = tape.gradient(scaled, variables)
         self.student_optimizer.apply(grads, variables)
         self._train_trackers["loss"].update_state(loss)
+        self.last_step["student_loss"].assign(loss)
 
     # ------------------------------------------------------------- test step
     def _twin_probabilities(self, images):

@@ -1,0 +1,130 @@
+"""Run logs: per-step values to TensorBoard and a CSV, per-epoch values to
+TensorBoard (next to Keras' `CSVLogger` history), and the test split evaluated
+beside a validation split.
+
+What is logged (issue #4):
+- every `every_n_steps` steps, the step's own values (not epoch means): the twins'
+  and θC's losses, the agreement ratio as a share of variables and of scalar
+  parameters (Figure 1), the share of variables updated, and a histogram of the
+  per-variable agreement cosines (Eq. 4); during warm-up the twins see identical
+  batches, so the agreement ratio is 1 by definition (Figure 1's early plateau);
+- every epoch, every value in Keras' logs: the training means, the test (or
+  validation) accuracy of θA, θB, joint and θC, and the pseudo-labels' coverage
+  and, when clean labels are known, precision.
+
+`steps.csv` columns: `step, epoch, phase` and the `STEP_COLUMNS`.
+"""
+
+import csv
+import os
+
+import keras
+import tensorflow as tf
+
+from galkeras.model import AGREEMENT
+
+STEP_COLUMNS = (
+    "twin_a_loss",
+    "twin_b_loss",
+    "student_loss",
+    "agreement_ratio",
+    "agreement_param_ratio",
+    "updated_ratio",
+)
+
+
+class RunLogger(keras.callbacks.Callback):
+    """Writes a GAL run's step and epoch values to TensorBoard and `steps.csv`.
+
+    Args:
+        gal: the `galkeras.GAL` model being fitted.
+        log_dir: directory of the TensorBoard event files (`train/`).
+        steps_csv: path of the per-step CSV, or None for none. Rows are appended,
+            so a resumed run continues the file.
+        every_n_steps: int >= 1, log every this many global steps.
+    """
+
+    def __init__(self, gal, log_dir, steps_csv=None, every_n_steps=50):
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1; got {every_n_steps}.")
+        self.gal = gal
+        self.log_dir = log_dir
+        self.steps_csv = steps_csv
+        self.every_n_steps = int(every_n_steps)
+        self._writer = None
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self._writer = tf.summary.create_file_writer(
+            os.path.join(self.log_dir, "train")
+        )
+        if self.steps_csv and not os.path.exists(self.steps_csv):
+            with open(self.steps_csv, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "epoch", "phase", *STEP_COLUMNS])
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._epoch * self.params["steps"] + batch + 1
+        if step % self.every_n_steps:
+            return
+        values = {k: float(self.gal.last_step[k].numpy()) for k in STEP_COLUMNS}
+        phase = self.gal.phase
+        if phase != AGREEMENT:
+            # Identical batches, identical gradients: every pair agrees (Figure 1).
+            values.update(agreement_ratio=1.0, agreement_param_ratio=1.0)
+            values.update(updated_ratio=1.0, twin_b_loss=values["twin_a_loss"])
+        if not self.gal.train_student:
+            values["student_loss"] = float("nan")
+        with self._writer.as_default(step=step):
+            for key, value in values.items():
+                tf.summary.scalar(f"step/{key}", value)
+            if phase == AGREEMENT:
+                tf.summary.histogram(
+                    "step/agreement_per_variable",
+                    self.gal.last_step["agreement_per_variable"],
+                )
+        if self.steps_csv:
+            with open(self.steps_csv, "a", newline="") as f:
+                csv.writer(f).writerow(
+                    [
+                        step,
+                        self._epoch,
+                        phase,
+                        *(f"{values[k]:.6g}" for k in STEP_COLUMNS),
+                    ]
+                )
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self._writer.as_default(step=epoch + 1):
+            for key, value in (logs or {}).items():
+                if isinstance(value, (int, float)) or getattr(value, "ndim", 1) == 0:
+                    tf.summary.scalar(f"epoch/{key}", float(value))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+
+
+class EvaluateTestSplit(keras.callbacks.Callback):
+    """Evaluates a test split at every epoch end, beside Keras' validation split,
+    and adds the results to the epoch logs as `test_*` (θA, θB, joint and θC
+    accuracy). Put it before callbacks that read the logs (CSVLogger, RunLogger).
+
+    Args:
+        gal: the `galkeras.GAL` model being fitted.
+        dataset: `(image, label)` batches, e.g. `sampling.evaluation_dataset`.
+    """
+
+    def __init__(self, gal, dataset):
+        super().__init__()
+        self.gal = gal
+        self.dataset = dataset
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self.gal.evaluate(self.dataset, verbose=0, return_dict=True)
+        if logs is not None:
+            logs.update({f"test_{k}": v for k, v in results.items()})

@@ -1,0 +1,98 @@
+"""Run logs: per-step values are the step's own, reach steps.csv and TensorBoard,
+and the test split is evaluated beside a validation split."""
+
+import csv
+import glob
+
+import keras
+import numpy as np
+import tensorflow as tf
+from conftest import tiny_data, tiny_net
+
+from galkeras import GAL, TrainingSet, sampling
+from galkeras.run_logging import EvaluateTestSplit, RunLogger
+
+
+def _gal(**kwargs):
+    gal = GAL(tiny_net("twin_a"), tiny_net("twin_b"), tiny_net("student"), **kwargs)
+    gal.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    return gal
+
+
+def _tensorboard_scalars(log_dir):
+    values = {}
+    for path in glob.glob(f"{log_dir}/train/events*"):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name != "scalars":
+                    continue
+                number = float(tf.make_ndarray(value.tensor))
+                values.setdefault(value.tag, {})[event.step] = number
+    return values
+
+
+def test_steps_csv_and_tensorboard_hold_each_logged_step(tmp_path):
+    images, labels = tiny_data(48)
+    # τ = 1 with independent random batches: no pair ever agrees after warm-up.
+    gal = _gal(warmup_epochs=1, tau=1.0)
+    training_set = TrainingSet(images, labels, batch_size=8, sampling="random")
+    logger = RunLogger(gal, str(tmp_path / "tb"), str(tmp_path / "steps.csv"), 4)
+    gal.fit(
+        training_set,
+        epochs=2,
+        validation_data=(images, labels),
+        callbacks=[logger],
+        verbose=0,
+    )
+    with open(tmp_path / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 6 steps per epoch, 12 in all: steps 4, 8 and 12 are logged.
+    assert [int(r["step"]) for r in rows] == [4, 8, 12]
+    assert [r["phase"] for r in rows] == ["warmup", "agreement", "agreement"]
+    assert float(rows[0]["agreement_ratio"]) == 1.0  # identical batches in warm-up
+    assert [float(r["agreement_ratio"]) for r in rows[1:]] == [0.0, 0.0]
+    assert [float(r["updated_ratio"]) for r in rows[1:]] == [0.0, 0.0]
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    assert scalars["step/agreement_ratio"] == {4: 1.0, 8: 0.0, 12: 0.0}
+    assert set(scalars["epoch/val_student_accuracy"]) == {1, 2}
+    np.testing.assert_allclose(
+        scalars["step/twin_a_loss"][12], float(rows[2]["twin_a_loss"]), rtol=1e-5
+    )
+
+
+def test_last_step_values_are_the_steps_own_not_epoch_means():
+    images, labels = tiny_data(16)
+    gal = _gal(warmup_epochs=0)
+    # One step per epoch: the epoch mean is that step's value.
+    training_set = TrainingSet(images, labels, batch_size=16)
+    history = gal.fit(training_set, epochs=3, verbose=0).history
+    for key in ("twin_a_loss", "twin_b_loss", "agreement_ratio", "updated_ratio"):
+        np.testing.assert_allclose(
+            gal.last_step[key].numpy(), history[key][-1], rtol=1e-6
+        )
+    np.testing.assert_allclose(
+        gal.last_step["student_loss"].numpy(), history["loss"][-1], rtol=1e-6
+    )
+    cosines = gal.last_step["agreement_per_variable"].numpy()
+    assert cosines.shape == (len(gal.twin_a.trainable_variables),)
+    np.testing.assert_allclose(
+        np.mean(cosines >= gal.tau), history["agreement_ratio"][-1]
+    )
+
+
+def test_test_evaluator_adds_test_accuracies_beside_validation():
+    images, labels = tiny_data(24)
+    gal = _gal(warmup_epochs=1)
+    test = sampling.evaluation_dataset(images[:12], labels[:12], batch_size=5)
+    history = gal.fit(
+        TrainingSet(images, labels, batch_size=8),
+        epochs=2,
+        validation_data=(images[12:], labels[12:]),
+        callbacks=[EvaluateTestSplit(gal, test)],
+        verbose=0,
+    ).history
+    expected = gal.evaluate(test, verbose=0, return_dict=True)
+    for net in ("twin_a", "twin_b", "joint", "student"):
+        assert len(history[f"test_{net}_accuracy"]) == 2
+        assert history[f"test_{net}_accuracy"][-1] == expected[f"{net}_accuracy"]
+        assert f"val_{net}_accuracy" in history
