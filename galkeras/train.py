@@ -25,8 +25,9 @@ _DEFAULTS = dict(
     seed=0,
     backbone="small_cnn",
     student_backbone="",
-    backbone_width=32,
+    backbone_width=0,
     hidden_units=0,
+    pretrained_weights="",
     image_size=(),
     validation_split=0.2,
     labels_csv="",
@@ -51,12 +52,13 @@ _DEFAULTS = dict(
     model_dir="",
     export_dir="",
     verbose=2,
+    log_every_steps=50,
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
 # The names below mirror modules that import TensorFlow; the CLI keeps plain copies
 # so it can reject bad flags before TensorFlow loads, and a test checks they agree.
-BACKBONES = ("small_cnn",)
+BACKBONES = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")
 UPDATE_RULES = ("agreement", "random", "all")
 SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
@@ -78,6 +80,7 @@ class TrainConfig:
     student_backbone: str = _DEFAULTS["student_backbone"]
     backbone_width: int = _DEFAULTS["backbone_width"]
     hidden_units: int = _DEFAULTS["hidden_units"]
+    pretrained_weights: str = _DEFAULTS["pretrained_weights"]
     image_size: tuple = _DEFAULTS["image_size"]
     validation_split: float = _DEFAULTS["validation_split"]
     labels_csv: str = _DEFAULTS["labels_csv"]
@@ -102,6 +105,7 @@ class TrainConfig:
     model_dir: str = _DEFAULTS["model_dir"]
     export_dir: str = _DEFAULTS["export_dir"]
     verbose: int = _DEFAULTS["verbose"]
+    log_every_steps: int = _DEFAULTS["log_every_steps"]
 
 
 def config_problems(config):
@@ -141,8 +145,36 @@ def config_problems(config):
         0.0 <= c.random_update_prob <= 1.0,
         f"--random_update_prob={c.random_update_prob} must be in [0, 1].",
     )
-    need(c.backbone_width >= 1, f"--backbone_width={c.backbone_width} must be >= 1.")
+    need(
+        c.backbone_width >= 0,
+        f"--backbone_width={c.backbone_width} must be >= 0 (0: the backbone's own).",
+    )
     need(c.hidden_units >= 0, f"--hidden_units={c.hidden_units} must be >= 0.")
+    kinds = {c.backbone, c.student_backbone or c.backbone}
+    need(
+        not c.hidden_units or kinds == {"small_cnn"},
+        f"--hidden_units={c.hidden_units} applies to small_cnn only; the backbones "
+        f"are {sorted(kinds)}.",
+    )
+    need(
+        not c.backbone_width or "resnet50" not in kinds,
+        "--backbone_width does not apply to resnet50 (keras.applications' own).",
+    )
+    need(
+        not c.pretrained_weights or "resnet50" in kinds,
+        f"--pretrained_weights applies to resnet50 only; the backbones are "
+        f"{sorted(kinds)}.",
+    )
+    need(
+        c.pretrained_weights in ("", "imagenet")
+        or os.path.isfile(c.pretrained_weights),
+        f"--pretrained_weights={c.pretrained_weights} must be 'imagenet' or an "
+        f"existing weights file.",
+    )
+    need(
+        c.log_every_steps >= 1,
+        f"--log_every_steps={c.log_every_steps} must be >= 1.",
+    )
     need(
         len(c.image_size) in (0, 2)
         and all(str(d).isdigit() and int(d) > 0 for d in c.image_size),
@@ -258,7 +290,7 @@ def _prepare(config):
 def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir):
     import keras
 
-    from galkeras import augment, backbones, export, optimizers, sampling
+    from galkeras import augment, backbones, export, optimizers, run_logging, sampling
     from galkeras.model import GAL
     from galkeras.training_set import TrainingSet
 
@@ -273,8 +305,11 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
                 data.num_classes,
                 data.mean,
                 data.std,
-                width=config.backbone_width,
+                width=config.backbone_width or None,
                 hidden_units=config.hidden_units,
+                weights=(
+                    (config.pretrained_weights or None) if kind == "resnet50" else None
+                ),
                 name=name,
             )
 
@@ -316,18 +351,35 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
             )
         )
     started = time.time()
+    evaluation = {
+        "test": sampling.evaluation_dataset(data.x_test, data.y_test, config.batch_size)
+    }
+    if data.x_val is not None:
+        # Model selection on the clean validation split (Clothing1M's protocol):
+        # Keras' validation is the validation split, and the test split is
+        # evaluated beside it every epoch under `test_*` keys.
+        evaluation["validation"] = sampling.evaluation_dataset(
+            data.x_val, data.y_val, config.batch_size
+        )
+    callbacks = [
+        keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv")),
+        per_variable_agreement_logger(
+            gal, os.path.join(model_dir, "agreement_per_variable.csv")
+        ),
+        run_logging.RunLogger(
+            gal,
+            os.path.join(model_dir, "tensorboard"),
+            steps_csv=os.path.join(model_dir, "steps.csv"),
+            every_n_steps=config.log_every_steps,
+        ),
+    ]
+    if "validation" in evaluation:
+        callbacks.insert(0, run_logging.EvaluateTestSplit(gal, evaluation["test"]))
     history = gal.fit(
         training_set,
         epochs=config.epochs,
-        validation_data=sampling.evaluation_dataset(
-            data.x_test, data.y_test, config.batch_size
-        ),
-        callbacks=[
-            keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv")),
-            per_variable_agreement_logger(
-                gal, os.path.join(model_dir, "agreement_per_variable.csv")
-            ),
-        ],
+        validation_data=evaluation.get("validation", evaluation["test"]),
+        callbacks=callbacks,
         verbose=config.verbose,
     ).history
     seconds = time.time() - started
@@ -379,12 +431,27 @@ NETWORKS = ("twin_a", "twin_b", "joint", "student")
 
 def summarise(history, warmup_epochs):
     """Best, last and best − last test accuracy (percent) of each network (Table 1
-    layout), and the mean agreement ratios over the agreement phase."""
+    layout), and the mean agreement ratios over the agreement phase.
+
+    With a validation split (`test_*` keys beside `val_*`), best and last are of
+    the test accuracies, and `model_selection` gives θC's test accuracy at the
+    epoch of its best validation accuracy (Clothing1M's protocol, Table 3).
+    """
     summary = {}
+    prefix = "test_" if "test_student_accuracy" in history else "val_"
     for net in NETWORKS:
-        accuracies = [100.0 * a for a in history[f"val_{net}_accuracy"]]
+        accuracies = [100.0 * a for a in history[f"{prefix}{net}_accuracy"]]
         best, last = max(accuracies), accuracies[-1]
         summary[net] = {"best": best, "last": last, "best_minus_last": best - last}
+    if prefix == "test_":
+        validation = history["val_student_accuracy"]
+        epoch = max(range(len(validation)), key=validation.__getitem__)
+        summary["model_selection"] = {
+            "monitor": "val_student_accuracy",
+            "epoch": epoch + 1,
+            "validation_accuracy": 100.0 * validation[epoch],
+            "test_accuracy": 100.0 * history["test_student_accuracy"][epoch],
+        }
     phase2 = slice(warmup_epochs, None)
     for key in ("agreement_ratio", "agreement_param_ratio"):
         values = history[key][phase2]
@@ -399,6 +466,12 @@ def format_summary(summary):
         s = summary[net]
         lines.append(
             f"{net:<10}{s['best']:>8.2f}{s['last']:>8.2f}{s['best_minus_last']:>11.2f}"
+        )
+    selection = summary.get("model_selection")
+    if selection:
+        lines.append(
+            f"θC test accuracy at the best validation epoch ({selection['epoch']}): "
+            f"{selection['test_accuracy']:.2f}"
         )
     ratio = summary["mean_agreement_ratio"]
     param = summary["mean_agreement_param_ratio"]
@@ -483,7 +556,16 @@ def define_flags():
         d["student_backbone"],
         "θC's backbone (default: --backbone).",
     )
-    flags.DEFINE_integer("backbone_width", d["backbone_width"], "Backbone width.")
+    flags.DEFINE_integer(
+        "backbone_width",
+        d["backbone_width"],
+        "Base width of small_cnn and the ResNets (0: the backbone's default).",
+    )
+    flags.DEFINE_string(
+        "pretrained_weights",
+        d["pretrained_weights"],
+        "resnet50: 'imagenet' (downloads) or a weights file; empty: random init.",
+    )
     flags.DEFINE_integer(
         "hidden_units", d["hidden_units"], "small_cnn: hidden dense units (0: none)."
     )
@@ -531,6 +613,11 @@ def define_flags():
         "export_dir", d["export_dir"], "TF Serving base path (default: saved_models/…)."
     )
     flags.DEFINE_integer("verbose", d["verbose"], "Keras fit verbosity (0, 1, 2).")
+    flags.DEFINE_integer(
+        "log_every_steps",
+        d["log_every_steps"],
+        "Per-step values to TensorBoard and steps.csv every this many steps.",
+    )
 
     def ints(values):
         try:

@@ -184,6 +184,18 @@ def test_training_run_decodes_from_disk_and_exports(tmp_path):
     )
     summary = train.run(config)
     assert summary["dataset"] == "clothing1m" and summary["skipped_images"] == 0
+    # Model selection on the clean validation split, test accuracy reported there.
+    import csv
+
+    with open(tmp_path / "run" / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    validation = [float(row["val_student_accuracy"]) for row in history]
+    test = [float(row["test_student_accuracy"]) for row in history]
+    best = int(np.argmax(validation))
+    selection = summary["model_selection"]
+    assert selection["epoch"] == best + 1
+    assert selection["test_accuracy"] == pytest.approx(100 * test[best])
+    assert summary["student"]["last"] == pytest.approx(100 * test[-1])
     serve = tf.saved_model.load(summary["export_path"]).signatures["serving_default"]
     out = serve(image=tf.zeros([2, 16, 16, 3], tf.uint8))
     assert [n.decode() in CLASSES for n in out["class_name"].numpy()] == [True] * 2

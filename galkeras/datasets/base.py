@@ -64,6 +64,10 @@ class Dataset:
         augmentation: str. The source's default training augmentation, one of
             `galkeras.augment.AUGMENTATIONS`; `--augment=auto` uses it.
         skipped_images: int. Corrupt files a source skipped on request.
+        x_val: uint8 array or `ImageFiles`, or None. A clean validation split
+            for model selection (Clothing1M's protocol: report the test
+            accuracy at the epoch of best validation accuracy).
+        y_val: int64 array `[V]` or None, its labels.
 
     Raises:
         DatasetError: if shapes, dtypes, lengths or labels are inconsistent.
@@ -82,6 +86,8 @@ class Dataset:
     noisy_label_sets: dict | None = None
     augmentation: str = "none"
     skipped_images: int = 0
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     def __post_init__(self):
         def fail(message):
@@ -106,16 +112,24 @@ class Dataset:
             )
         set_field("class_names", class_names)
 
-        for key in ("x_train", "x_test"):
-            set_field(key, _as_images(getattr(self, key), key, fail))
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            fail(
-                f"x_train images are {self.x_train.shape[1:]} (H, W, C) but "
-                f"x_test images are {self.x_test.shape[1:]}; both splits need "
-                f"one image shape."
-            )
+        if (self.x_val is None) != (self.y_val is None):
+            fail("x_val and y_val must be given together.")
+        image_keys = ("x_train", "x_test", "x_val")
+        for key in image_keys:
+            if getattr(self, key) is not None:
+                set_field(key, _as_images(getattr(self, key), key, fail))
+        for key in image_keys[1:]:
+            images = getattr(self, key)
+            if images is not None and self.x_train.shape[1:] != images.shape[1:]:
+                fail(
+                    f"x_train images are {self.x_train.shape[1:]} (H, W, C) but "
+                    f"{key} images are {images.shape[1:]}; every split needs one "
+                    f"image shape."
+                )
 
         label_keys = [("y_train", "x_train"), ("y_test", "x_test")]
+        if self.y_val is not None:
+            label_keys.append(("y_val", "x_val"))
         if self.y_train_clean is not None:
             label_keys.append(("y_train_clean", "x_train"))
         for key, images_key in label_keys:

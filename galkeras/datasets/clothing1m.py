@@ -79,7 +79,8 @@ def load_clothing1m(
             (counted in `skipped_images`) instead of failing.
 
     Returns:
-        A `Dataset` whose `x_train` and `x_test` are `galkeras.ImageFiles`.
+        A `Dataset` whose images are `galkeras.ImageFiles`, with the clean
+        validation split as `x_val` / `y_val` for model selection.
     """
     from galkeras.datasets.clothing1m_builder import Clothing1m
     from galkeras.image_files import ImageFiles, find_bad_image_files
@@ -89,7 +90,7 @@ def load_clothing1m(
     manual = tfds_manual_dir(data_dir)
     splits = {}
     skipped = 0
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
         columns = tfds_split_arrays(builder.as_dataset(split=split))
         paths = [os.path.join(manual, key.decode()) for key in columns["image_path"]]
         labels = columns["label"]
@@ -124,4 +125,6 @@ def load_clothing1m(
         std=IMAGENET_STD,
         augmentation="resized_crop_flip",
         skipped_images=skipped,
+        x_val=splits["validation"][0],
+        y_val=splits["validation"][1],
     )
