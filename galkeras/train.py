@@ -398,6 +398,7 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
             "seconds_per_epoch": seconds / config.epochs,
             "cdas_fallbacks": int(gal.sampler.fallback_count),
             "skipped_images": data.skipped_images,
+            "reported_network": reported_network(config),
             "model_dir": model_dir,
             "export_path": export_path,
         }
@@ -427,6 +428,15 @@ def per_variable_agreement_logger(gal, path):
 
 
 NETWORKS = ("twin_a", "twin_b", "joint", "student")
+
+
+def reported_network(config):
+    """The network whose accuracy is the run's result: θC for GAL (Tables 1–3),
+    θA for cross entropy (warm-up for every epoch, no θC), and the twins' joint
+    prediction for twin-level ablations without θC (Table 4, Figure 4)."""
+    if config.warmup_epochs >= config.epochs and not config.train_student:
+        return "twin_a"
+    return "student" if config.train_student else "joint"
 
 
 def summarise(history, warmup_epochs):
