@@ -1,0 +1,804 @@
+"""Figures and tables over finished runs: `python -m galkeras.report RUN_DIR...
+--out=DIR`.
+
+Reads the run directories that `python -m galkeras.train` writes (`config.json`,
+`summary.json` once finished, `history.csv`, `steps.csv`) and reproduces the
+paper's outputs from them (Yan et al., Applied Sciences 2023, 13(3), 1823):
+
+- `accuracy_figure`: one run's test accuracy per epoch of θA, θB, joint and θC,
+  best and last epoch marked (the numbers behind Table 1's Best / Last);
+- `agreement_figure`: the agreement ratio over iterations, one curve per run
+  (Figure 1);
+- `tau_figure`: the joint prediction's best and last test accuracy against τ, one
+  panel per noise setting (Figure 4);
+- `table_markdown`: Best / Last / Best − Last per method and noise setting (Table 1
+  layout; its rows also cover Table 4's ablations).
+
+The functions take arguments; only `main` reads flags. Figures need matplotlib
+(`pip install "galkeras[report]"`) and are drawn on the non-interactive Agg
+canvas, without pyplot, so a notebook's own backend is left alone.
+"""
+
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+import types
+from typing import NamedTuple
+
+from absl import app, flags
+
+from galkeras import train
+
+CONFIG, SUMMARY, HISTORY, STEPS = (
+    "config.json",
+    "summary.json",
+    "history.csv",
+    "steps.csv",
+)
+NETWORKS = train.NETWORKS
+NETWORK_LABELS = {
+    "twin_a": "θA",
+    "twin_b": "θB",
+    "joint": "joint (θA+θB)",
+    "student": "θC",
+}
+AGREEMENT_COLUMNS = {
+    "agreement_ratio": "share of variables",
+    "agreement_param_ratio": "share of parameters",
+}
+FIGURES = ("accuracy", "agreement", "tau", "table")
+
+DATASET_NAMES = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "cifar10n": "CIFAR-10N",
+    "cifar100n": "CIFAR-100N",
+    "animal10n": "Animal-10N",
+    "clothing1m": "Clothing1M",
+}
+# Datasets whose own labels are the noise: a column is named after the dataset.
+REAL_NOISE_DATASETS = ("animal10n", "clothing1m")
+SYNTHETIC_NOISE_NAMES = {
+    "sym": "Sym",
+    "asym": "Asym",
+    "pairflip": "Pairflip",
+    "sym_inclusive": "Sym-inclusive",
+}
+# Table rows in the order of the paper's Table 4 (Cross Entropy first, GAL last).
+METHOD_ORDER = (
+    "Cross Entropy",
+    "Random Updating",
+    "θA+θB+CE",
+    "θA+θB+Random Updating",
+    "θA+θB+GAU",
+    "GAL",
+)
+_TWIN_METHODS = {
+    "all": "θA+θB+CE",
+    "random": "θA+θB+Random Updating",
+    "agreement": "θA+θB+GAU",
+}
+_DEFAULT_CONFIG = train.TrainConfig()
+MISSING = "–"
+
+
+class Setting(NamedTuple):
+    """A noise setting: one column group of Table 1, one panel of Figure 4.
+
+    `noise_rate` is None for real noise (a CIFAR-N label set, Animal-10N,
+    Clothing1M) and for clean labels, whose configs carry an unused rate.
+    """
+
+    dataset: str
+    noise_type: str
+    noise_rate: float | None
+
+
+@dataclasses.dataclass
+class Run:
+    """One `galkeras.train` run directory, as `load_run` reads it.
+
+    Attributes:
+        path: str, the run directory.
+        config: dict, `config.json` (the run's flags).
+        summary: dict, `summary.json`; None while the run is unfinished.
+        history: dict, `history.csv` column -> list of floats, one per epoch
+            (empty before the first epoch ends).
+        steps: dict, `steps.csv` column -> list (floats; `phase` is str), one per
+            logged step; None when the run has no `steps.csv`.
+    """
+
+    path: str
+    config: dict
+    summary: dict | None
+    history: dict
+    steps: dict | None
+
+    @property
+    def name(self):
+        return os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def dataset(self):
+        """The dataset's name (`summary.json`'s, else derived from the flag)."""
+        if self.summary and self.summary.get("dataset"):
+            return self.summary["dataset"]
+        spec = self.config["dataset"]
+        if ":" in spec:  # `npz:PATH`, `folder:PATH`: named after the path
+            path = os.path.normpath(spec.split(":", 1)[1])
+            return os.path.splitext(os.path.basename(path))[0]
+        return spec
+
+    @property
+    def setting(self):
+        noise_type = self.config["noise_type"]
+        synthetic = noise_type in SYNTHETIC_NOISE_NAMES
+        rate = float(self.config["noise_rate"]) if synthetic else None
+        return Setting(self.dataset, noise_type, rate)
+
+    @property
+    def label(self):
+        """A short name of the run's setting, e.g. "cifar10 sym 50%"."""
+        dataset, noise_type, rate = self.setting
+        if rate is not None:
+            return f"{dataset} {noise_type} {_percent(rate)}%"
+        if noise_type == "none":
+            return dataset if dataset in REAL_NOISE_DATASETS else f"{dataset} clean"
+        return f"{dataset} {noise_type}"
+
+    @property
+    def reported_network(self):
+        if self.summary and self.summary.get("reported_network"):
+            return self.summary["reported_network"]
+        # Summaries older than the `reported_network` key: train's own rule.
+        config = types.SimpleNamespace(**self.config_with_defaults())
+        return train.reported_network(config)
+
+    def config_with_defaults(self):
+        """The config, with today's defaults for flags the run predates."""
+        return {**dataclasses.asdict(_DEFAULT_CONFIG), **self.config}
+
+
+def load_run(run_dir):
+    """Reads a `galkeras.train` run directory.
+
+    Args:
+        run_dir: str, a directory holding at least `config.json`.
+
+    Returns:
+        A `Run`.
+
+    Raises:
+        ValueError: naming the path and what is missing or malformed: no such
+            directory, no `config.json`, a file that does not parse, or a
+            finished run (with `summary.json`) without its `history.csv`.
+    """
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"{run_dir}: no such run directory.")
+    config_path = os.path.join(run_dir, CONFIG)
+    if not os.path.isfile(config_path):
+        raise ValueError(
+            f"{run_dir} is not a galkeras.train run directory: it has no {CONFIG}."
+        )
+    config = _read_json(config_path)
+    missing = [k for k in ("dataset", "noise_type", "noise_rate") if k not in config]
+    if missing:
+        raise ValueError(f"{config_path} lacks {', '.join(missing)}.")
+    summary_path = os.path.join(run_dir, SUMMARY)
+    summary = _read_json(summary_path) if os.path.exists(summary_path) else None
+    history_path = os.path.join(run_dir, HISTORY)
+    history = _read_csv(history_path) if os.path.exists(history_path) else {}
+    if summary is not None:
+        if not any(history.values()):
+            raise ValueError(
+                f"{run_dir} has a {SUMMARY} but no epochs in {HISTORY}: the run "
+                "directory is incomplete."
+            )
+        for net in NETWORKS:
+            if not isinstance(summary.get(net), dict) or "best" not in summary[net]:
+                raise ValueError(f"{summary_path} lacks the {net} accuracies.")
+    steps_path = os.path.join(run_dir, STEPS)
+    steps = (
+        _read_csv(steps_path, text_columns=("phase",))
+        if os.path.exists(steps_path)
+        else None
+    )
+    return Run(run_dir, config, summary, history, steps)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not an object.")
+    return value
+
+
+def _read_csv(path, text_columns=()):
+    """A CSV with a header as column -> list; empty when the file is (still)
+    empty. Cells are floats except in `text_columns`."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return {}
+    header, body = rows[0], [r for r in rows[1:] if r]
+    columns = {name: [] for name in header}
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{path}, line {line}: {len(row)} cells under {len(header)} columns."
+            )
+        for name, cell in zip(header, row):
+            if name in text_columns:
+                columns[name].append(cell)
+                continue
+            try:
+                columns[name].append(float(cell) if cell else math.nan)
+            except ValueError:
+                raise ValueError(
+                    f"{path}, line {line}: column {name} holds {cell!r}, not a number."
+                ) from None
+    return columns
+
+
+# ----------------------------------------------------------------- labels
+def method_label(run):
+    """The run's row name in Table 1 / Table 4.
+
+    "Cross Entropy" when θA is reported (warm-up for every epoch), "GAL" for
+    agreement updating reported by θC, "θA+θB+CE" / "θA+θB+Random Updating" /
+    "θA+θB+GAU" for twin ablations reported by their joint prediction (update rule
+    all / random / agreement). A non-default `sampling`, and for agreement
+    updating a non-default `tau`, are appended, e.g. "GAL (τ=0.6)"; flags that
+    cannot change the method's result (τ without agreement, anything for Cross
+    Entropy) are not, so they do not split a row.
+    """
+    config = run.config_with_defaults()
+    network, rule = run.reported_network, config["update_rule"]
+    if network == "twin_a":
+        return "Cross Entropy"
+    if network == "student" and rule == "agreement":
+        base = "GAL"
+    else:
+        base = _TWIN_METHODS.get(rule, f"θA+θB+{rule}")
+        if network == "student":
+            base += "+θC"
+    variants = []
+    if config["sampling"] != _DEFAULT_CONFIG.sampling:
+        variants.append(f"sampling={config['sampling']}")
+    if rule == "agreement" and float(config["tau"]) != _DEFAULT_CONFIG.tau:
+        variants.append(f"τ={float(config['tau']):g}")
+    return f"{base} ({', '.join(variants)})" if variants else base
+
+
+def setting_label(setting):
+    """A noise setting as the paper names it, e.g. "CIFAR-10 Sym 20%",
+    "Animal-10N", "CIFAR-10N Aggre"."""
+    dataset, noise_type, rate = setting
+    name = DATASET_NAMES.get(dataset, dataset)
+    if rate is not None:
+        return f"{name} {SYNTHETIC_NOISE_NAMES[noise_type]} {_percent(rate)}%"
+    if noise_type == "none":
+        return name if dataset in REAL_NOISE_DATASETS else f"{name} Clean"
+    return f"{name} {noise_type.capitalize()}"
+
+
+def _setting_order(setting):
+    dataset, noise_type, rate = setting
+    datasets, kinds = list(DATASET_NAMES), [*SYNTHETIC_NOISE_NAMES, "none"]
+    return (
+        datasets.index(dataset) if dataset in datasets else len(datasets),
+        dataset,
+        kinds.index(noise_type) if noise_type in kinds else len(kinds),
+        noise_type,
+        -1.0 if rate is None else rate,
+    )
+
+
+def _method_order(label):
+    base = label.split(" (")[0]
+    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return (rank, label)
+
+
+def _percent(rate):
+    return f"{100 * rate:g}"
+
+
+def _number(x):
+    text = f"{x:.1f}"
+    return "0.0" if text == "-0.0" else text
+
+
+def _mean_std(values):
+    """One decimal; "mean ± std" (std over runs, ddof=0) for two or more."""
+    if len(values) == 1:
+        return _number(values[0])
+    return f"{_number(statistics.fmean(values))} ± {_number(statistics.pstdev(values))}"
+
+
+# ------------------------------------------------------------------ table
+def table_markdown(runs, ablation_rows=False):
+    """Best / Last / Best − Last test accuracy (%) in the layout of the paper's
+    Table 1 (whose rows also take Table 4's ablations).
+
+    One column group per noise setting (e.g. "CIFAR-10 Sym 20%", "Animal-10N"),
+    each with Best, Last and B−L columns; one row per method (`method_label`), on
+    the network that method reports (θC for GAL, θA for Cross Entropy, the joint
+    prediction for twin ablations). Runs sharing a cell (e.g. seeds) are averaged
+    and shown as mean ± std over the runs (ddof=0). A method without a run in a
+    setting gets "–". Markdown has one header row, so the group names form the
+    header and Best / Last / B−L the first row.
+
+    Below the table: a line per run with model selection (Clothing1M's test
+    accuracy at the best validation epoch, Table 3), and a line per run left out
+    because it is unfinished (no `summary.json`) or a dry run.
+
+    Args:
+        runs: iterable of `Run`.
+        ablation_rows: Table 4's rows that come from another network of a run:
+            a GAL run's joint prediction is "θA+θB+GAU" (θC does not influence
+            the twins), and a random-updating run's θA alone is "Random
+            Updating" (its updates do not depend on θB).
+
+    Returns:
+        The Markdown text, ending in a newline.
+    """
+    cells, notes, skipped = {}, [], []
+    for run in runs:
+        if run.summary is None:
+            skipped.append(f"Skipped {run.path}: unfinished (no {SUMMARY}).")
+            continue
+        if run.summary.get("dry_run"):
+            skipped.append(f"Skipped {run.path}: a dry run (stand-in data).")
+            continue
+        method, setting = method_label(run), run.setting
+        entries = [(method, run.reported_network)]
+        if ablation_rows:
+            base, _, variant = method.partition(" (")
+            variant = f" ({variant}" if variant else ""
+            if base == "GAL":
+                entries.append((f"θA+θB+GAU{variant}", "joint"))
+            elif base == "θA+θB+Random Updating":
+                entries.append((f"Random Updating{variant}", "twin_a"))
+        for label, network in entries:
+            cells.setdefault((label, setting), []).append(run.summary[network])
+        selection = run.summary.get("model_selection")
+        if selection:
+            notes.append(
+                f"{run.name} ({method}, {setting_label(setting)}): test at best "
+                f"validation epoch {selection['epoch']}: "
+                f"{_number(selection['test_accuracy'])} "
+                f"(validation {_number(selection['validation_accuracy'])})."
+            )
+    settings = sorted({s for _, s in cells}, key=_setting_order)
+    methods = sorted({m for m, _ in cells}, key=_method_order)
+    lines = []
+    if cells:
+        groups = "".join(f" {setting_label(s)} | | |" for s in settings)
+        lines += [
+            f"| Method |{groups}",
+            "|---" * (1 + 3 * len(settings)) + "|",
+            "| |" + " Best | Last | B−L |" * len(settings),
+        ]
+        for method in methods:
+            row = [method]
+            for setting in settings:
+                results = cells.get((method, setting))
+                if results is None:
+                    row += [MISSING] * 3
+                    continue
+                for key in ("best", "last", "best_minus_last"):
+                    row.append(_mean_std([r[key] for r in results]))
+            lines.append("| " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "Test accuracy (%) of the network each method reports (GAL: θC; Cross "
+            "Entropy: θA; θA+θB: their joint prediction), at its best epoch (Best) "
+            "and last epoch (Last). a ± b: mean ± std over the runs of a cell.",
+        ]
+    else:
+        lines.append("No finished runs.")
+    if notes:
+        lines += ["", "Model selection:", *(f"- {n}" for n in notes)]
+    if skipped:
+        lines += ["", *skipped]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- figures
+def require_matplotlib():
+    """Raises ImportError, saying how to install it, when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            'galkeras.report\'s figures need matplotlib: pip install "galkeras[report]"'
+        ) from error
+
+
+def _figure(nrows=1, ncols=1, figsize=(7, 4.5)):
+    """A Figure on the Agg canvas and its axes, without touching pyplot."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def accuracy_columns(history):
+    """network -> the history column of its test accuracy: `test_*` when the run
+    had a validation split (then `val_*` is validation), else `val_*` (which is
+    then the test set). Networks without a column are left out."""
+    test = any(f"test_{net}_accuracy" in history for net in NETWORKS)
+    prefix = "test_" if test else "val_"
+    return {
+        net: f"{prefix}{net}_accuracy"
+        for net in NETWORKS
+        if f"{prefix}{net}_accuracy" in history
+    }
+
+
+def accuracy_figure(run):
+    """Test accuracy (%) per epoch of θA, θB, their joint prediction and θC, each
+    curve with its best epoch (marker and value) and last epoch (square) marked:
+    the curves behind Table 1's Best and Last. A dotted line ends the warm-up.
+
+    Lines carry a `gid` for inspection: the network ("twin_a", ...), the network
+    + "/best" or "/last" for the markers, and "warmup".
+
+    Args:
+        run: a `Run` with at least one epoch in its history.
+
+    Returns:
+        A matplotlib Figure.
+    """
+    columns = accuracy_columns(run.history)
+    if not columns or not run.history[next(iter(columns.values()))]:
+        raise ValueError(f"{run.path} has no test accuracies in {HISTORY} yet.")
+    fig, axes = _figure()
+    from matplotlib.ticker import MaxNLocator
+
+    ax = axes[0, 0]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for net, column in columns.items():
+        accuracy = [100.0 * a for a in run.history[column]]
+        # Epochs are 1-based on the axis, like summary.json's `model_selection`.
+        epochs = [e + 1 for e in run.history.get("epoch", range(len(accuracy)))]
+        finite = [i for i, a in enumerate(accuracy) if not math.isnan(a)]
+        best = max(finite, key=accuracy.__getitem__)
+        last = len(accuracy) - 1
+        label = (
+            f"{NETWORK_LABELS[net]} (best {accuracy[best]:.1f}, "
+            f"last {accuracy[last]:.1f})"
+        )
+        (line,) = ax.plot(epochs, accuracy, label=label, gid=net, lw=1.2)
+        color = line.get_color()
+        ax.plot(epochs[best], accuracy[best], "o", color=color, gid=f"{net}/best")
+        ax.annotate(
+            f"{accuracy[best]:.1f}",
+            (epochs[best], accuracy[best]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+            color=color,
+        )
+        ax.plot(
+            epochs[last],
+            accuracy[last],
+            "s",
+            color=color,
+            markerfacecolor="none",
+            gid=f"{net}/last",
+        )
+    warmup = int(run.config.get("warmup_epochs", 0))
+    if 0 < warmup < int(run.config.get("epochs", warmup + 1)):
+        ax.axvline(warmup, color="grey", lw=0.8, ls=":", gid="warmup")
+    ax.set(
+        title=f"{run.label}, {method_label(run)} ({run.name})",
+        xlabel="epoch",
+        ylabel="test accuracy (%)",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def agreement_figure(runs, column="agreement_ratio"):
+    """The agreement ratio over iterations, one curve per run, as in the paper's
+    Figure 1 (twins with `update_rule=all` under 0/20/50/80% noise on CIFAR-10):
+    1 during warm-up, where the twins see identical batches, then falling, the
+    lower the noisier the labels.
+
+    Args:
+        runs: iterable of `Run`; those without `steps.csv` are skipped.
+        column: "agreement_ratio" (the share of variables whose gate is open) or
+            "agreement_param_ratio" (the share of scalar parameters in them).
+
+    Returns:
+        A matplotlib Figure; each curve's label is the run's label (its run name
+        is added where two runs share a label) and its `gid` the run's path.
+    """
+    if column not in AGREEMENT_COLUMNS:
+        raise ValueError(
+            f"column={column!r}; choose one of {tuple(AGREEMENT_COLUMNS)}."
+        )
+    runs = [r for r in runs if r.steps and r.steps.get(column)]
+    if not runs:
+        raise ValueError(f"No run has {column} in a {STEPS}.")
+    labels = [r.label for r in runs]
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for run, label in zip(runs, labels):
+        if labels.count(label) > 1:
+            label = f"{label} ({run.name})"
+        ax.plot(run.steps["step"], run.steps[column], label=label, gid=run.path)
+    ax.set(
+        title=f"Agreement ratio ({AGREEMENT_COLUMNS[column]})",
+        xlabel="iteration",
+        ylabel="agreement ratio",
+        ylim=(0, 1.05),
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tau_points(runs):
+    """Setting -> [(τ, mean best, mean last)] of the joint prediction, sorted by τ,
+    over the finished runs with agreement updating (the runs τ acts on); runs
+    sharing a τ (e.g. seeds) are averaged."""
+    grouped = {}
+    for run in runs:
+        if run.summary is None or run.summary.get("dry_run"):
+            continue
+        config = run.config_with_defaults()
+        if config["update_rule"] != "agreement" or run.reported_network == "twin_a":
+            continue
+        by_tau = grouped.setdefault(run.setting, {})
+        by_tau.setdefault(float(config["tau"]), []).append(run.summary["joint"])
+    points = {}
+    for setting in sorted(grouped, key=_setting_order):
+        points[setting] = [
+            (
+                tau,
+                statistics.fmean(r["best"] for r in results),
+                statistics.fmean(r["last"] for r in results),
+            )
+            for tau, results in sorted(grouped[setting].items())
+        ]
+    return points
+
+
+def tau_figure(runs):
+    """Best and last test accuracy (%) of the twins' joint prediction against the
+    agreement threshold τ, one panel per noise setting, as in the paper's Figure 4
+    (CIFAR-10, sym 20/50/80% and asym 40%). Uses the finished runs with agreement
+    updating; runs sharing a setting and τ are averaged (`tau_points`).
+
+    Returns:
+        A matplotlib Figure; per panel, the lines' `gid`s are "best" and "last".
+    """
+    points = tau_points(runs)
+    if not points:
+        raise ValueError("No finished run with update_rule=agreement to plot τ for.")
+    fig, axes = _figure(1, len(points), figsize=(4.5 * len(points), 4))
+    for ax, (setting, rows) in zip(axes[0], points.items()):
+        taus, best, last = zip(*rows)
+        ax.plot(taus, best, "o-", label="best", gid="best")
+        ax.plot(taus, last, "s--", label="last", gid="last")
+        ax.set_xticks(taus)
+        ax.set(
+            title=setting_label(setting),
+            xlabel="τ",
+            ylabel="joint test accuracy (%)",
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------- main
+def find_run_dirs(patterns):
+    """The run directories named by `patterns`, in order and without repeats.
+
+    Each pattern is a run directory (one holding `config.json`), a directory
+    whose subdirectories are run directories (one level down), or a glob pattern
+    of either.
+
+    Raises:
+        ValueError: naming a pattern that matches nothing, a path that does not
+            exist, or a directory with no run directory in or under it.
+    """
+    found = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            paths = sorted(glob.glob(pattern))
+            if not paths:
+                raise ValueError(f"{pattern} matches nothing.")
+        else:
+            paths = [pattern]
+        for path in paths:
+            if not os.path.isdir(path):
+                if os.path.exists(path):
+                    raise ValueError(f"{path} is not a directory.")
+                raise ValueError(f"{path}: no such run directory.")
+            if os.path.isfile(os.path.join(path, CONFIG)):
+                found.append(path)
+                continue
+            children = sorted(
+                os.path.join(path, name)
+                for name in os.listdir(path)
+                if os.path.isfile(os.path.join(path, name, CONFIG))
+            )
+            if not children:
+                raise ValueError(
+                    f"{path} is not a run directory (no {CONFIG}) and holds none "
+                    "one level down."
+                )
+            found += children
+    unique = {}
+    for path in found:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
+
+
+def output_names(runs):
+    """A file-name stem per run: its directory's name, with parent directories
+    prepended ("_"-joined) where names would collide."""
+    parts = [os.path.realpath(r.path).strip(os.sep).split(os.sep) for r in runs]
+    depth = 1
+    while True:
+        names = ["_".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names) or depth >= max(map(len, parts)):
+            return names
+        depth += 1
+
+
+def write_report(runs, out_dir, figures=FIGURES, agreement_column="agreement_ratio"):
+    """Writes the chosen outputs of `runs` into `out_dir`; returns the table's
+    Markdown (None without "table") and a list of warnings.
+
+    Outputs: `accuracy_<run>.png` per run with a history, `agreement.png`,
+    `tau.png` and `table.md`. Existing files of the same names are replaced.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    warnings = []
+
+    def save(fig, name):
+        fig.savefig(os.path.join(out_dir, name), dpi=100)
+
+    if "accuracy" in figures:
+        for run, name in zip(runs, output_names(runs)):
+            try:
+                save(accuracy_figure(run), f"accuracy_{name}.png")
+            except ValueError as error:
+                warnings.append(f"no accuracy figure: {error}")
+    if "agreement" in figures:
+        try:
+            save(agreement_figure(runs, agreement_column), "agreement.png")
+        except ValueError as error:
+            warnings.append(f"no agreement figure: {error}")
+    if "tau" in figures:
+        try:
+            save(tau_figure(runs), "tau.png")
+        except ValueError as error:
+            warnings.append(f"no τ figure: {error}")
+    table = None
+    if "table" in figures:
+        table = table_markdown(runs)
+        with open(os.path.join(out_dir, "table.md"), "w") as f:
+            f.write(table)
+    return table, warnings
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("out", None, "Directory for the figures and table.md.")
+    flags.DEFINE_list("figures", list(FIGURES), f"Outputs to write, from {FIGURES}.")
+    flags.DEFINE_enum(
+        "agreement_share",
+        "variables",
+        ["variables", "parameters"],
+        "Figure 1's agreement ratio as a share of variables or of parameters.",
+    )
+    flags.mark_flag_as_required("out")
+    flags.register_validator(
+        "figures",
+        lambda values: bool(values) and set(values) <= set(FIGURES),
+        message=f"--figures must be a non-empty subset of {FIGURES}.",
+    )
+
+
+def main(argv):
+    patterns = argv[1:]
+    if not patterns:
+        _fail("give at least one run directory (or a directory or glob of them).")
+    try:
+        runs = [load_run(path) for path in find_run_dirs(patterns)]
+    except ValueError as error:
+        _fail(str(error))
+    out = os.path.realpath(FLAGS.out)
+    for run in runs:
+        inside = os.path.realpath(run.path)
+        if out == inside or out.startswith(inside + os.sep):
+            _fail(
+                f"--out={FLAGS.out} lies inside the run directory {run.path}; "
+                "reports never write into a run."
+            )
+    if set(FLAGS.figures) - {"table"}:
+        try:
+            require_matplotlib()
+        except ImportError as error:
+            _fail(f"{error} (or pass --figures=table).")
+    column = {"variables": "agreement_ratio", "parameters": "agreement_param_ratio"}
+    table, warnings = write_report(
+        runs, FLAGS.out, FLAGS.figures, column[FLAGS.agreement_share]
+    )
+    for warning in warnings:
+        print(f"galkeras.report: warning: {warning}", file=sys.stderr)
+    if table is not None:
+        print(table, end="")
+    print(f"galkeras.report: wrote {FLAGS.out}", file=sys.stderr)
+
+
+def _fail(message):
+    print(f"galkeras.report: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_main():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()
+
+
+# Outputs of each `galkeras.reproduce` experiment.
+EXPERIMENT_OUTPUTS = {
+    "table1": ("table",),
+    "table2": ("table", "accuracy"),
+    "table3": ("table", "accuracy"),
+    "table4": ("table",),
+    "table5": ("table",),
+    "tablen": ("table",),
+    "figure1": ("agreement",),
+    "figure4": ("tau",),
+}
+
+
+def write_experiment(experiment, run_dirs, out_dir):
+    """Writes a `galkeras.reproduce` experiment's outputs into
+    `<out_dir>/<experiment>/` and returns their paths: `table.md` (Tables 1–5,
+    Table 4 with its ablation rows), `agreement.png` (Figure 1), `tau.png`
+    (Figure 4), and the accuracy curves of the single-dataset tables 2 and 3."""
+    runs = [load_run(d) for d in run_dirs]
+    target = os.path.join(out_dir, experiment)
+    outputs = EXPERIMENT_OUTPUTS[experiment]
+    figures = tuple(o for o in outputs if o != "table")
+    _, warnings = write_report(runs, target, figures=figures)
+    for warning in warnings:
+        print(f"galkeras.reproduce: warning: {warning}", file=sys.stderr)
+    if "table" in outputs:
+        with open(os.path.join(target, "table.md"), "w") as f:
+            f.write(table_markdown(runs, ablation_rows=experiment == "table4"))
+    return sorted(
+        os.path.join(target, name)
+        for name in os.listdir(target)
+        if name.endswith((".md", ".png"))
+    )

@@ -1,0 +1,308 @@
+"""The report over synthetic run directories: the Table 1 Markdown cell by cell,
+the figures' plotted data, and the CLI's outputs and refusals."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from galkeras import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+CONFIG = dict(
+    dataset="cifar10",
+    noise_type="sym",
+    noise_rate=0.2,
+    tau=0.4,
+    update_rule="agreement",
+    sampling="cdas",
+    epochs=3,
+    warmup_epochs=1,
+    train_student=True,
+    random_update_prob=0.8,
+    seed=0,
+    backbone="preact_resnet18",
+)
+# Fractions per epoch; θA peaks at epoch 2 (index 1), θC at the last epoch.
+HISTORY = {
+    "val_student_accuracy": [0.40, 0.60, 0.75],
+    "loss": [2.0, 1.5, 1.2],
+    "val_twin_a_accuracy": [0.50, 0.80, 0.70],
+    "epoch": [0, 1, 2],
+    "val_joint_accuracy": [0.55, 0.81, 0.72],
+    "agreement_ratio": [1.0, 0.4, 0.3],
+    "val_twin_b_accuracy": [0.52, 0.79, 0.69],
+}
+STEPS = [
+    (2, 0, "warmup", 1.0),
+    (4, 1, "agreement", 0.6),
+    (6, 2, "agreement", 0.45),
+]
+
+
+def _summary(config, reported, **networks):
+    """summary.json with (best, last) per network; unnamed ones get (50, 40)."""
+    summary = {"reported_network": reported, "dataset": config["dataset"]}
+    for net in report.NETWORKS:
+        best, last = networks.get(net, (50.0, 40.0))
+        summary[net] = {"best": best, "last": last, "best_minus_last": best - last}
+    return summary
+
+
+def write_run(root, name, summary=True, steps=True, history=None, **config):
+    """A run directory as `galkeras.train` leaves it. `summary` is True (made up
+    from `summary_networks`), a dict, or None for an unfinished run."""
+    networks = config.pop("summary_networks", {})
+    config = {**CONFIG, **config}
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    if summary is True:
+        reported = "student" if config["train_student"] else "joint"
+        if config["warmup_epochs"] >= config["epochs"] and not config["train_student"]:
+            reported = "twin_a"
+        summary = _summary(config, reported, **networks)
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    history = HISTORY if history is None else history
+    with open(run_dir / "history.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(history)
+        writer.writerows(zip(*history.values()))
+    if steps:
+        rows = STEPS if steps is True else steps
+        with open(run_dir / "steps.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                "step,epoch,phase,twin_a_loss,twin_b_loss,student_loss,"
+                "agreement_ratio,agreement_param_ratio,updated_ratio".split(",")
+            )
+            for step, epoch, phase, ratio in rows:
+                writer.writerow([step, epoch, phase, 1.0, 1.1, "nan", ratio, 0.5, 1])
+    return str(run_dir)
+
+
+def test_table_in_table_1_layout_with_mean_std_and_missing_cells(tmp_path):
+    ce = dict(warmup_epochs=3, train_student=False)
+    paths = [
+        write_run(tmp_path, "gal_sym20_s0", summary_networks={"student": (93.6, 93.5)}),
+        write_run(
+            tmp_path, "gal_sym20_s1", seed=1, summary_networks={"student": (93.8, 93.5)}
+        ),
+        write_run(
+            tmp_path, "ce_sym20", **ce, summary_networks={"twin_a": (86.8, 82.7)}
+        ),
+        write_run(
+            tmp_path,
+            "gal_sym50",
+            noise_rate=0.5,
+            summary_networks={"student": (90.5, 90.1)},
+        ),
+        write_run(
+            tmp_path,
+            "gal_sym50_tau06",
+            noise_rate=0.5,
+            tau=0.6,
+            summary_networks={"student": (89.0, 88.0)},
+        ),
+        write_run(
+            tmp_path,
+            "gal_asym40",
+            noise_type="asym",
+            noise_rate=0.4,
+            sampling="random",
+            summary_networks={"student": (91.6, 91.2)},
+        ),
+        write_run(tmp_path, "unfinished", summary=None),
+    ]
+    clothing = _summary({"dataset": "clothing1m"}, "student", student=(74.0, 73.0)) | {
+        "model_selection": {
+            "monitor": "val_student_accuracy",
+            "epoch": 7,
+            "validation_accuracy": 70.1,
+            "test_accuracy": 73.64,
+        }
+    }
+    paths.append(
+        write_run(
+            tmp_path,
+            "gal_c1m",
+            summary=clothing,
+            dataset="clothing1m",
+            noise_type="none",
+            noise_rate=0.5,  # unused with real noise: must not name the column
+        )
+    )
+    text = report.table_markdown([report.load_run(p) for p in paths])
+    unfinished = tmp_path / "unfinished"
+    expected = f"""\
+| Method | CIFAR-10 Sym 20% | | | CIFAR-10 Sym 50% | | | CIFAR-10 Asym 40% | | | Clothing1M | | |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| | Best | Last | B−L | Best | Last | B−L | Best | Last | B−L | Best | Last | B−L |
+| Cross Entropy | 86.8 | 82.7 | 4.1 | – | – | – | – | – | – | – | – | – |
+| GAL | 93.7 ± 0.1 | 93.5 ± 0.0 | 0.2 ± 0.1 | 90.5 | 90.1 | 0.4 | – | – | – | 74.0 | 73.0 | 1.0 |
+| GAL (sampling=random) | – | – | – | – | – | – | 91.6 | 91.2 | 0.4 | – | – | – |
+| GAL (τ=0.6) | – | – | – | 89.0 | 88.0 | 1.0 | – | – | – | – | – | – |
+
+Test accuracy (%) of the network each method reports (GAL: θC; Cross Entropy: θA; θA+θB: their joint prediction), at its best epoch (Best) and last epoch (Last). a ± b: mean ± std over the runs of a cell.
+
+Model selection:
+- gal_c1m (GAL, Clothing1M): test at best validation epoch 7: 73.6 (validation 70.1).
+
+Skipped {unfinished}: unfinished (no summary.json).
+"""  # noqa: E501
+    assert text == expected
+
+
+def test_method_labels_of_the_twin_ablations(tmp_path):
+    twins = dict(train_student=False)
+    runs = {
+        rule: report.load_run(write_run(tmp_path, rule, update_rule=rule, **twins))
+        for rule in ("all", "random", "agreement")
+    }
+    assert {rule: report.method_label(run) for rule, run in runs.items()} == {
+        "all": "θA+θB+CE",
+        "random": "θA+θB+Random Updating",
+        "agreement": "θA+θB+GAU",
+    }
+
+
+def test_accuracy_figure_plots_percent_per_epoch_and_marks_best_and_last(tmp_path):
+    run = report.load_run(write_run(tmp_path, "run"))
+    fig = report.accuracy_figure(run)
+    lines = {line.get_gid(): line for line in fig.axes[0].lines}
+    epochs = [1, 2, 3]  # 1-based, like summary.json's model_selection epoch
+    for net in report.NETWORKS:
+        values = 100 * np.array(HISTORY[f"val_{net}_accuracy"])
+        np.testing.assert_allclose(lines[net].get_xdata(), epochs)
+        np.testing.assert_allclose(lines[net].get_ydata(), values)
+        best = int(np.argmax(values))
+        np.testing.assert_allclose(lines[f"{net}/best"].get_xdata(), [epochs[best]])
+        np.testing.assert_allclose(lines[f"{net}/best"].get_ydata(), [values[best]])
+        np.testing.assert_allclose(lines[f"{net}/last"].get_ydata(), [values[-1]])
+    assert lines["twin_a/best"].get_xdata()[0] == 2
+    np.testing.assert_allclose(lines["warmup"].get_xdata(), [1, 1])
+    annotations = [t.get_text() for t in fig.axes[0].texts]
+    assert "80.0" in annotations and "75.0" in annotations
+
+
+def test_accuracy_figure_prefers_the_test_split_over_validation(tmp_path):
+    history = {**HISTORY, **{f"test_{n}_accuracy": [0.1, 0.3, 0.2] for n in "ab"}}
+    history["test_twin_a_accuracy"] = history.pop("test_a_accuracy")
+    history["test_student_accuracy"] = history.pop("test_b_accuracy")
+    run = report.load_run(write_run(tmp_path, "run", history=history))
+    lines = {line.get_gid(): line for line in report.accuracy_figure(run).axes[0].lines}
+    assert {"twin_a", "student"} <= set(lines) and "joint" not in lines
+    np.testing.assert_allclose(lines["twin_a"].get_ydata(), [10, 30, 20])
+
+
+def test_agreement_figure_has_a_curve_per_run_with_steps(tmp_path):
+    other_steps = [(3, 0, "warmup", 1.0), (6, 1, "agreement", 0.2)]
+    runs = [
+        report.load_run(write_run(tmp_path, "clean", noise_type="none", noise_rate=0)),
+        report.load_run(
+            write_run(tmp_path, "sym80", noise_rate=0.8, steps=other_steps)
+        ),
+        report.load_run(write_run(tmp_path, "no_steps", steps=False)),
+    ]
+    ax = report.agreement_figure(runs).axes[0]
+    assert [line.get_label() for line in ax.lines] == [
+        "cifar10 clean",
+        "cifar10 sym 80%",
+    ]
+    for line, steps in zip(ax.lines, (STEPS, other_steps)):
+        np.testing.assert_allclose(line.get_xdata(), [s[0] for s in steps])
+        np.testing.assert_allclose(line.get_ydata(), [s[3] for s in steps])
+    params = report.agreement_figure(runs, "agreement_param_ratio").axes[0]
+    np.testing.assert_allclose(params.lines[0].get_ydata(), [0.5, 0.5, 0.5])
+
+
+def test_tau_figure_plots_joint_best_and_last_sorted_by_tau(tmp_path):
+    twins = dict(train_student=False)
+    runs = [
+        write_run(tmp_path, "t8", tau=0.8, summary_networks={"joint": (85, 84)}),
+        write_run(tmp_path, "t0", tau=0.0, summary_networks={"joint": (80, 60)}),
+        write_run(tmp_path, "t4", tau=0.4, summary_networks={"joint": (90, 89)}),
+        write_run(tmp_path, "asym", tau=0.4, noise_type="asym", noise_rate=0.4),
+        # Not τ's business: cross entropy and ungated twins.
+        write_run(tmp_path, "ce", warmup_epochs=3, **twins),
+        write_run(tmp_path, "all", update_rule="all", **twins),
+    ]
+    fig = report.tau_figure([report.load_run(p) for p in runs])
+    assert [ax.get_title() for ax in fig.axes] == [
+        "CIFAR-10 Sym 20%",
+        "CIFAR-10 Asym 40%",
+    ]
+    lines = {line.get_gid(): line for line in fig.axes[0].lines}
+    np.testing.assert_allclose(lines["best"].get_xdata(), [0.0, 0.4, 0.8])
+    np.testing.assert_allclose(lines["best"].get_ydata(), [80, 90, 85])
+    np.testing.assert_allclose(lines["last"].get_ydata(), [60, 89, 84])
+
+
+def test_load_run_names_the_path_and_what_is_missing(tmp_path):
+    with pytest.raises(ValueError, match="nowhere: no such run directory"):
+        report.load_run(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is not a .* it has no config.json"):
+        report.load_run(str(tmp_path / "empty"))
+    run_dir = write_run(tmp_path, "broken")
+    os.remove(os.path.join(run_dir, "history.csv"))
+    with pytest.raises(ValueError, match="broken has a summary.json but no epochs"):
+        report.load_run(run_dir)
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "galkeras.report", *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_writes_pngs_and_the_table_from_a_directory_of_runs(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "sym20", summary_networks={"student": (93.6, 93.5)})
+    write_run(runs, "sym50", noise_rate=0.5, tau=0.6)
+    out = tmp_path / "report"
+    result = _cli(str(runs), f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert "| GAL | 93.6 | 93.5 | 0.1 |" in result.stdout
+    assert (out / "table.md").read_text() == result.stdout
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [
+        "accuracy_sym20.png",
+        "accuracy_sym50.png",
+        "agreement.png",
+        "tau.png",
+    ]
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert sorted(os.listdir(runs / "sym20")) == [
+        "config.json",
+        "history.csv",
+        "steps.csv",
+        "summary.json",
+    ]
+
+
+def test_cli_refuses_a_missing_run_dir_and_an_out_dir_inside_a_run(tmp_path):
+    missing = tmp_path / "no_such_run"
+    result = _cli(str(missing), f"--out={tmp_path / 'report'}")
+    assert result.returncode != 0
+    assert str(missing) in result.stderr
+    assert not (tmp_path / "report").exists()
+    run_dir = write_run(tmp_path, "run")
+    result = _cli(run_dir, f"--out={run_dir}/report")
+    assert result.returncode != 0
+    assert "inside the run directory" in result.stderr
+    assert not os.path.exists(os.path.join(run_dir, "report"))
