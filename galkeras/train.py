@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -53,9 +54,11 @@ _DEFAULTS = dict(
     export_dir="",
     verbose=2,
     log_every_steps=50,
+    dry_run=False,
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
+DRY_RUN_BATCH = 8
 # The names below mirror modules that import TensorFlow; the CLI keeps plain copies
 # so it can reject bad flags before TensorFlow loads, and a test checks they agree.
 BACKBONES = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")
@@ -106,6 +109,7 @@ class TrainConfig:
     export_dir: str = _DEFAULTS["export_dir"]
     verbose: int = _DEFAULTS["verbose"]
     log_every_steps: int = _DEFAULTS["log_every_steps"]
+    dry_run: bool = _DEFAULTS["dry_run"]
 
 
 def config_problems(config):
@@ -201,7 +205,8 @@ def config_problems(config):
         need(
             value in allowed, f"--{flag}={value!r} is unknown; choose one of {allowed}."
         )
-    if c.model_dir and os.path.isdir(c.model_dir) and os.listdir(c.model_dir):
+    reused = c.model_dir and os.path.isdir(c.model_dir) and os.listdir(c.model_dir)
+    if reused and not c.dry_run:
         problems.append(
             f"--model_dir={c.model_dir} already holds files of another run; galkeras "
             "never overwrites a run. Choose a new --model_dir."
@@ -230,7 +235,26 @@ def run(config):
         prepared = _prepare(config)
     except ValueError as error:  # includes DatasetError
         raise ConfigError(str(error)) from error
+    if config.dry_run:
+        config = dry_run_config(config)
     return _train(config, *prepared)
+
+
+def dry_run_config(config):
+    """The config of a dry run: one warm-up step, then (when the run has an
+    agreement phase) one agreement step, on one batch of at most
+    `DRY_RUN_BATCH` stand-in images (the code paths do not depend on the batch
+    size, and a dry run should take seconds)."""
+    agreement = config.warmup_epochs < config.epochs
+    warmup = min(config.warmup_epochs, 1)
+    return dataclasses.replace(
+        config,
+        batch_size=min(config.batch_size, DRY_RUN_BATCH),
+        epochs=warmup + 1 if agreement else 1,
+        warmup_epochs=warmup if agreement else 1,
+        lr_decay_epochs=(),
+        log_every_steps=1,
+    )
 
 
 class ConfigError(ValueError):
@@ -247,10 +271,10 @@ def _prepare(config):
 
     from galkeras import export
     from galkeras.datasets import check_dataset_spec, load_dataset
+    from galkeras.datasets.base import stand_in_dataset
 
     check_dataset_spec(config.dataset)
-    data = load_dataset(
-        config.dataset,
+    options = dict(
         data_dir=config.data_dir,
         image_size=tuple(int(d) for d in config.image_size) or None,
         validation_split=config.validation_split,
@@ -258,7 +282,13 @@ def _prepare(config):
         skip_corrupt_images=config.skip_corrupt_images,
         seed=config.seed,
     )
-    if config.batch_size > data.num_train:
+    if config.dry_run:
+        data = stand_in_dataset(
+            config.dataset, min(config.batch_size, DRY_RUN_BATCH), **options
+        )
+    else:
+        data = load_dataset(config.dataset, **options)
+    if config.batch_size > data.num_train and not config.dry_run:
         raise ValueError(
             f"--batch_size={config.batch_size} exceeds the {data.num_train} training "
             f"images of {data.name}."
@@ -272,7 +302,11 @@ def _prepare(config):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     model_dir = config.model_dir or os.path.join("runs", f"{name}-{stamp}")
     export_dir = config.export_dir or os.path.join("saved_models", name)
-    export.check_export_base(export_dir)
+    if config.dry_run:  # writes nothing where a real run would
+        model_dir = tempfile.mkdtemp(prefix=f"galkeras-dry-run-{name}-")
+        export_dir = None
+    else:
+        export.check_export_base(export_dir)
     os.makedirs(model_dir, exist_ok=True)
     if not os.access(model_dir, os.W_OK):
         raise ValueError(f"--model_dir={model_dir} is not writable.")
@@ -307,8 +341,11 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
                 data.std,
                 width=config.backbone_width or None,
                 hidden_units=config.hidden_units,
+                # A dry run downloads nothing: pretrained weights are not loaded.
                 weights=(
-                    (config.pretrained_weights or None) if kind == "resnet50" else None
+                    (config.pretrained_weights or None)
+                    if kind == "resnet50" and not config.dry_run
+                    else None
                 ),
                 name=name,
             )
@@ -385,8 +422,12 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
     seconds = time.time() - started
 
     # θC also as a .keras file, for reloading in Keras (the SavedModel is for serving).
-    gal.student.save(os.path.join(model_dir, "student.keras"))
-    export_path = export.export_classifier(gal.student, export_dir, data.class_names)
+    export_path = None
+    if not config.dry_run:
+        gal.student.save(os.path.join(model_dir, "student.keras"))
+        export_path = export.export_classifier(
+            gal.student, export_dir, data.class_names
+        )
     summary = summarise(history, config.warmup_epochs)
     summary.update(
         {
@@ -399,6 +440,7 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
             "cdas_fallbacks": int(gal.sampler.fallback_count),
             "skipped_images": data.skipped_images,
             "reported_network": reported_network(config),
+            "dry_run": config.dry_run,
             "model_dir": model_dir,
             "export_path": export_path,
         }
@@ -498,6 +540,8 @@ def format_summary(summary):
         f"summary: {os.path.join(summary['model_dir'], 'summary.json')}",
         f"exported θC: {summary['export_path']}",
     ]
+    if summary.get("dry_run"):
+        lines = ["dry run passed (stand-in data; nothing exported):", *lines]
     return "\n".join(lines)
 
 
@@ -552,81 +596,88 @@ def _strategy():
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values=None):
+    """Defines the CLI flags on `flag_values` (default: absl's global FLAGS)."""
+    flag_values = FLAGS if flag_values is None else flag_values
+    define = _Definer(flag_values)
     d = _DEFAULTS
-    flags.DEFINE_string("dataset", d["dataset"], "Dataset: `digits` or `npz:PATH`.")
-    flags.DEFINE_string("data_dir", d["data_dir"], "Where datasets are stored.")
-    flags.DEFINE_string("noise_type", d["noise_type"], f"One of {NOISE_TYPES}.")
-    flags.DEFINE_float("noise_rate", d["noise_rate"], "Synthetic noise rate in [0, 1).")
-    flags.DEFINE_integer("noise_seed", d["noise_seed"], "Seed of the noisy labels.")
-    flags.DEFINE_integer("seed", d["seed"], "Seed of weights, batches and gates.")
-    flags.DEFINE_string("backbone", d["backbone"], f"Twins' backbone: {BACKBONES}.")
-    flags.DEFINE_string(
+    define.string("dataset", d["dataset"], "Dataset: `digits` or `npz:PATH`.")
+    define.string("data_dir", d["data_dir"], "Where datasets are stored.")
+    define.string("noise_type", d["noise_type"], f"One of {NOISE_TYPES}.")
+    define.float("noise_rate", d["noise_rate"], "Synthetic noise rate in [0, 1).")
+    define.integer("noise_seed", d["noise_seed"], "Seed of the noisy labels.")
+    define.integer("seed", d["seed"], "Seed of weights, batches and gates.")
+    define.string("backbone", d["backbone"], f"Twins' backbone: {BACKBONES}.")
+    define.string(
         "student_backbone",
         d["student_backbone"],
         "θC's backbone (default: --backbone).",
     )
-    flags.DEFINE_integer(
+    define.integer(
         "backbone_width",
         d["backbone_width"],
         "Base width of small_cnn and the ResNets (0: the backbone's default).",
     )
-    flags.DEFINE_string(
+    define.string(
         "pretrained_weights",
         d["pretrained_weights"],
         "resnet50: 'imagenet' (downloads) or a weights file; empty: random init.",
     )
-    flags.DEFINE_integer(
+    define.integer(
         "hidden_units", d["hidden_units"], "small_cnn: hidden dense units (0: none)."
     )
-    flags.DEFINE_list("image_size", [], "folder: H,W to resize to (default: first).")
-    flags.DEFINE_float(
+    define.list("image_size", [], "folder: H,W to resize to (default: first).")
+    define.float(
         "validation_split", d["validation_split"], "folder: test share without test/."
     )
-    flags.DEFINE_string("labels_csv", d["labels_csv"], "folder: CSV of path,label.")
-    flags.DEFINE_bool(
+    define.string("labels_csv", d["labels_csv"], "folder: CSV of path,label.")
+    define.bool(
         "skip_corrupt_images", d["skip_corrupt_images"], "Skip undecodable images."
     )
-    flags.DEFINE_integer("epochs", d["epochs"], "Total epochs E.")
-    flags.DEFINE_integer("warmup_epochs", d["warmup_epochs"], "Warm-up epochs W.")
-    flags.DEFINE_integer("batch_size", d["batch_size"], "Global batch size per twin.")
-    flags.DEFINE_float("lr", d["lr"], "Initial learning rate.")
-    flags.DEFINE_list(
+    define.integer("epochs", d["epochs"], "Total epochs E.")
+    define.integer("warmup_epochs", d["warmup_epochs"], "Warm-up epochs W.")
+    define.integer("batch_size", d["batch_size"], "Global batch size per twin.")
+    define.float("lr", d["lr"], "Initial learning rate.")
+    define.list(
         "lr_decay_epochs",
         [str(e) for e in d["lr_decay_epochs"]],
         "Epochs at which the learning rate is multiplied by --lr_decay_factor.",
     )
-    flags.DEFINE_float("lr_decay_factor", d["lr_decay_factor"], "Decay factor.")
-    flags.DEFINE_float("momentum", d["momentum"], "SGD momentum.")
-    flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay.")
-    flags.DEFINE_string(
+    define.float("lr_decay_factor", d["lr_decay_factor"], "Decay factor.")
+    define.float("momentum", d["momentum"], "SGD momentum.")
+    define.float("weight_decay", d["weight_decay"], "Weight decay.")
+    define.string(
         "weight_decay_mode", d["weight_decay_mode"], f"One of {WEIGHT_DECAY_MODES}."
     )
-    flags.DEFINE_float("tau", d["tau"], "Agreement threshold τ in [-1, 1].")
-    flags.DEFINE_float("epsilon", d["epsilon"], "Pseudo-label threshold ε in [0, 1).")
-    flags.DEFINE_string("update_rule", d["update_rule"], f"One of {UPDATE_RULES}.")
-    flags.DEFINE_float(
+    define.float("tau", d["tau"], "Agreement threshold τ in [-1, 1].")
+    define.float("epsilon", d["epsilon"], "Pseudo-label threshold ε in [0, 1).")
+    define.string("update_rule", d["update_rule"], f"One of {UPDATE_RULES}.")
+    define.float(
         "random_update_prob", d["random_update_prob"], "p of --update_rule=random."
     )
-    flags.DEFINE_string("sampling", d["sampling"], f"One of {SAMPLING_MODES}.")
-    flags.DEFINE_string(
-        "masked_update", d["masked_update"], f"One of {MASKED_UPDATES}."
-    )
-    flags.DEFINE_string(
+    define.string("sampling", d["sampling"], f"One of {SAMPLING_MODES}.")
+    define.string("masked_update", d["masked_update"], f"One of {MASKED_UPDATES}.")
+    define.string(
         "augment",
         d["augment"],
         f"One of {AUGMENTATIONS}; auto = the dataset's default.",
     )
-    flags.DEFINE_bool("train_student", d["train_student"], "Train θC.")
-    flags.DEFINE_string("model_dir", d["model_dir"], "Run directory (default: runs/…).")
-    flags.DEFINE_string(
+    define.bool("train_student", d["train_student"], "Train θC.")
+    define.string("model_dir", d["model_dir"], "Run directory (default: runs/…).")
+    define.string(
         "export_dir", d["export_dir"], "TF Serving base path (default: saved_models/…)."
     )
-    flags.DEFINE_integer("verbose", d["verbose"], "Keras fit verbosity (0, 1, 2).")
-    flags.DEFINE_integer(
+    define.integer("verbose", d["verbose"], "Keras fit verbosity (0, 1, 2).")
+    define.integer(
         "log_every_steps",
         d["log_every_steps"],
         "Per-step values to TensorBoard and steps.csv every this many steps.",
+    )
+    define.bool(
+        "dry_run",
+        d["dry_run"],
+        "Check the flags, build every network and pipeline and train one step of "
+        "each phase on stand-in data of the dataset's shape; writes no run.",
     )
 
     def ints(values):
@@ -637,12 +688,54 @@ def define_flags():
         return True
 
     flags.register_validator(
-        "lr_decay_epochs", ints, message="--lr_decay_epochs must be a list of integers."
+        "lr_decay_epochs",
+        ints,
+        message="--lr_decay_epochs must be a list of integers.",
+        flag_values=flag_values,
     )
 
 
-def config_from_flags():
-    values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)}
+class _Definer:
+    """`define.string(...)` is `flags.DEFINE_string(..., flag_values=...)`."""
+
+    def __init__(self, flag_values):
+        self.flag_values = flag_values
+
+    def __getattr__(self, kind):
+        define = getattr(flags, f"DEFINE_{kind}")
+
+        def call(*args, **kwargs):
+            return define(*args, flag_values=self.flag_values, **kwargs)
+
+        return call
+
+
+def config_from_flagfile(path, **overrides):
+    """The `TrainConfig` a flag file describes (plus `overrides`), parsed with
+    absl exactly as `python -m galkeras.train --flagfile=PATH` would, without
+    touching the global flags.
+
+    Raises:
+        ValueError: naming the file, for a missing file, an unknown flag or a value
+            absl refuses.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"Flag file {path} does not exist.")
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        flag_values(["galkeras.train", f"--flagfile={path}"])
+    except flags.Error as error:
+        raise ValueError(f"Flag file {path}: {error}") from error
+    config = config_from_flags(flag_values)
+    return dataclasses.replace(config, **overrides)
+
+
+def config_from_flags(flag_values=None):
+    flag_values = FLAGS if flag_values is None else flag_values
+    values = {
+        f.name: flag_values[f.name].value for f in dataclasses.fields(TrainConfig)
+    }
     values["lr_decay_epochs"] = tuple(int(e) for e in values["lr_decay_epochs"])
     values["image_size"] = tuple(values["image_size"])
     return TrainConfig(**values)

@@ -8,6 +8,7 @@ directory and prepares a TFDS dataset once.
 
 from galkeras.datasets.base import (
     Dataset,
+    StandIn,
     prepare_manual_builder,
     register,
     tfds_split_arrays,
@@ -38,7 +39,7 @@ jaguar, chimpanzee, orangutan, hamster, guinea pig. The binary release works too
                                         then a 3x64x64 depth-major image)"""
 
 
-@register("animal10n")
+@register("animal10n", stand_in=StandIn((64, 64, 3), 10, "crop_flip"))
 def load_animal10n(arg, data_dir, **options):
     """Prepares (once) and loads Animal-10N; ~8% real noise, clean labels unknown."""
     from galkeras.datasets.animal10n_builder import Animal10n

@@ -256,9 +256,30 @@ def channel_mean_std(images, chunk_size=4096):
 
 # name -> (loader, takes an argument after "name:").
 _LOADERS = {}
+# name -> StandIn, for sources whose data may be absent (downloads, manual dirs).
+_STAND_INS = {}
 
 
-def register(name, *, prefix=False):
+@dataclasses.dataclass(frozen=True)
+class StandIn:
+    """The shape of a source's data, for dry runs that must not need the data.
+
+    Args:
+        image_shape: `(H, W, C)` of its images.
+        num_classes: K.
+        augmentation: its default augmentation.
+        label_sets: names of its real noisy label sets (CIFAR-N).
+        validation: whether it has a validation split (Clothing1M).
+    """
+
+    image_shape: tuple
+    num_classes: int
+    augmentation: str = "none"
+    label_sets: tuple = ()
+    validation: bool = False
+
+
+def register(name, *, prefix=False, stand_in=None):
     """Registers a dataset loader under `name` (a decorator).
 
     The loader is called as `loader(arg, data_dir, **options)` and returns a
@@ -269,6 +290,8 @@ def register(name, *, prefix=False):
     Args:
         name: str. The source's name; no colon.
         prefix: bool. Whether the source takes an argument (`npz:PATH`).
+        stand_in: `StandIn` or None. The data's shape, so that a dry run can
+            build everything without the data (`stand_in_dataset`).
 
     Returns:
         The decorator, which returns the loader unchanged.
@@ -284,6 +307,8 @@ def register(name, *, prefix=False):
                 f"{registered.__module__}.{registered.__qualname__}."
             )
         _LOADERS[name] = (loader, prefix)
+        if stand_in is not None:
+            _STAND_INS[name] = stand_in
         return loader
 
     return decorator
@@ -360,6 +385,58 @@ def load_dataset(spec, data_dir=None, **options):
             f"The loader for {spec!r} returned {type(dataset).__name__}, not a Dataset."
         )
     return dataset
+
+
+def stand_in_dataset(spec, num_examples, image_size=None, seed=0, **options):
+    """Random data shaped like `spec`'s, for a dry run (`--dry_run`).
+
+    Sources that need a download or a manual directory (CIFAR, Animal-10N,
+    Clothing1M) registered a `StandIn`; their stand-in has `num_examples`
+    random training, test (and validation) images of the real shape and class
+    count, and random real-noise label sets. Sources whose data are local
+    (`digits`, `npz:`, `folder:`) are loaded for real.
+
+    Args:
+        spec: str, a dataset spec.
+        num_examples: int, images per split of a stand-in.
+        image_size: `(H, W)` or None, overriding the stand-in's image size.
+        seed: int, seed of the random pixels and labels.
+        **options: passed to `load_dataset` for local sources.
+
+    Returns:
+        A `Dataset`.
+    """
+    name = spec.partition(":")[0]
+    _parse_spec(spec)
+    if name not in _STAND_INS:
+        return load_dataset(spec, **options)
+    info = _STAND_INS[name]
+    shape = tuple(info.image_shape)
+    if image_size:
+        shape = (*image_size, shape[2])
+    rng = np.random.default_rng(seed)
+
+    def images():
+        return rng.integers(0, 256, (num_examples, *shape), dtype=np.uint8)
+
+    def labels():
+        return np.arange(num_examples) % info.num_classes
+
+    return Dataset(
+        name=name,
+        x_train=images(),
+        y_train=labels(),
+        x_test=images(),
+        y_test=labels(),
+        num_classes=info.num_classes,
+        class_names=tuple(f"class_{k}" for k in range(info.num_classes)),
+        y_train_clean=labels(),
+        noisy_label_sets={k: rng.permutation(labels()) for k in info.label_sets}
+        or None,
+        augmentation=info.augmentation,
+        x_val=images() if info.validation else None,
+        y_val=labels() if info.validation else None,
+    )
 
 
 def tfds_manual_dir(data_dir):

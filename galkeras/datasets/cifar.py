@@ -15,6 +15,7 @@ import numpy as np
 from galkeras.datasets.base import (
     Dataset,
     DatasetError,
+    StandIn,
     register,
     tfds_manual_dir,
     tfds_split_arrays,
@@ -126,25 +127,41 @@ def _cifar(tfds_name, spec_name, data_dir, label_sets=None):
     )
 
 
-@register("cifar10")
+@register(
+    "cifar10",
+    stand_in=StandIn((32, 32, 3), 10, "crop_flip", label_sets=()),
+)
 def load_cifar10(arg, data_dir, **options):
     """CIFAR-10 (50,000 / 10,000, 32×32×3, 10 classes) through `tfds.load`."""
     return _cifar("cifar10", "cifar10", data_dir)
 
 
-@register("cifar100")
+@register(
+    "cifar100",
+    stand_in=StandIn((32, 32, 3), 100, "crop_flip", label_sets=()),
+)
 def load_cifar100(arg, data_dir, **options):
     """CIFAR-100 (fine labels, 100 classes) through `tfds.load`."""
     return _cifar("cifar100", "cifar100", data_dir)
 
 
-@register("cifar10n")
+@register(
+    "cifar10n",
+    stand_in=StandIn(
+        (32, 32, 3), 10, "crop_flip", label_sets=tuple(CIFAR10N_LABEL_SETS)
+    ),
+)
 def load_cifar10n(arg, data_dir, **options):
     """CIFAR-10N: CIFAR-10 images with five human label sets (manual download)."""
     return _cifar("cifar10_n", "cifar10n", data_dir, CIFAR10N_LABEL_SETS)
 
 
-@register("cifar100n")
+@register(
+    "cifar100n",
+    stand_in=StandIn(
+        (32, 32, 3), 100, "crop_flip", label_sets=tuple(CIFAR100N_LABEL_SETS)
+    ),
+)
 def load_cifar100n(arg, data_dir, **options):
     """CIFAR-100N: CIFAR-100 images with one human label set (manual download)."""
     return _cifar("cifar100_n", "cifar100n", data_dir, CIFAR100N_LABEL_SETS)

@@ -14,6 +14,7 @@ import os
 from galkeras.datasets.base import (
     Dataset,
     DatasetError,
+    StandIn,
     prepare_manual_builder,
     register,
     tfds_manual_dir,
@@ -65,7 +66,12 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 DEFAULT_IMAGE_SIZE = (224, 224)
 
 
-@register("clothing1m")
+@register(
+    "clothing1m",
+    stand_in=StandIn(
+        (*DEFAULT_IMAGE_SIZE, 3), 14, "resized_crop_flip", validation=True
+    ),
+)
 def load_clothing1m(
     arg, data_dir, image_size=None, skip_corrupt_images=False, **options
 ):

@@ -1,0 +1,238 @@
+"""Flag files and `galkeras.reproduce`: every file parses and is documented,
+representative files dry-run, and an experiment of two tiny runs yields its table."""
+
+import glob
+import json
+import os
+import subprocess
+
+import pytest
+
+from galkeras import reproduce, train
+from galkeras.report import load_run, table_markdown
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS_DIR = os.path.join(REPO, "flags")
+FLAG_FILES = sorted(glob.glob(os.path.join(FLAGS_DIR, "**", "*.flags"), recursive=True))
+
+
+@pytest.mark.parametrize(
+    "path", FLAG_FILES, ids=[os.path.relpath(p, FLAGS_DIR) for p in FLAG_FILES]
+)
+def test_every_flag_file_parses_and_says_how_long_and_what_to_expect(path):
+    config = train.config_from_flagfile(path)
+    assert train.config_problems(config) == []
+    with open(path) as f:
+        header = [line for line in f if line.startswith("#")]
+    text = "".join(header)
+    assert f"--flagfile={os.path.relpath(path, REPO)}" in text
+    assert "runtime" in text and ("Paper" in text or "Not a paper" in text)
+
+
+def test_every_experiment_resolves_and_every_paper_file_belongs_to_one():
+    used = set()
+    for experiment in reproduce.EXPERIMENTS:
+        used.update(reproduce.experiment_files(experiment, FLAGS_DIR))
+    paper_files = {p for p in FLAG_FILES if not p.endswith("quickstart.flags")}
+    assert paper_files == used
+
+
+def test_flag_files_hold_the_papers_settings():
+    gal = train.config_from_flagfile(
+        os.path.join(FLAGS_DIR, "table1/cifar10_sym50.flags")
+    )
+    assert (gal.backbone, gal.epochs, gal.warmup_epochs, gal.batch_size) == (
+        "preact_resnet18",
+        200,
+        80,
+        128,
+    )
+    assert (gal.lr, gal.lr_decay_epochs, gal.tau, gal.epsilon) == (
+        0.06,
+        (80, 150),
+        0.4,
+        0.8,
+    )
+    assert (gal.momentum, gal.weight_decay, gal.weight_decay_mode) == (
+        0.9,
+        5e-4,
+        "coupled",
+    )
+    animal = train.config_from_flagfile(
+        os.path.join(FLAGS_DIR, "table2/animal10n.flags")
+    )
+    assert (animal.backbone, animal.epochs, animal.lr, animal.lr_decay_epochs) == (
+        "resnet34",
+        150,
+        0.01,
+        (60, 90, 120),
+    )
+    cloth = train.config_from_flagfile(
+        os.path.join(FLAGS_DIR, "table3/clothing1m.flags")
+    )
+    assert (
+        cloth.backbone,
+        cloth.pretrained_weights,
+        cloth.batch_size,
+        cloth.warmup_epochs,
+    ) == ("resnet50", "imagenet", 32, 10)
+    p = {
+        s: train.config_from_flagfile(
+            os.path.join(FLAGS_DIR, f"table4/cifar10_{s}_random.flags")
+        ).random_update_prob
+        for s in ("sym20", "sym50", "sym80", "asym40")
+    }
+    assert p == {"sym20": 0.8, "sym50": 0.5, "sym80": 0.2, "asym40": 0.6}
+
+
+@pytest.mark.large
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("table1/cifar10_sym50.flags", {}),
+        ("table2/animal10n_ce.flags", {}),
+        ("table4/cifar10_sym80_random.flags", {}),
+        ("cifar_n/cifar100n.flags", {}),
+    ],
+)
+def test_representative_flag_files_dry_run(name, overrides, tmp_path, monkeypatch):
+    # A dry run takes 10-30 s per file on 2 CPU cores (ResNet-50's, 75 s), so
+    # one file per distinct (dataset, backbone, update rule, θC) path runs here;
+    # `python -m galkeras.reproduce --table=N --dry_run` runs them all. The
+    # ResNet-50 / Clothing1M path is covered by backbones_test (the networks)
+    # and clothing1m_test (a whole run on on-disk images).
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    config = train.config_from_flagfile(
+        os.path.join(FLAGS_DIR, name), dry_run=True, verbose=0, **overrides
+    )
+    summary = train.run(config)
+    assert summary["dry_run"] and summary["export_path"] is None
+    assert not os.path.exists(os.path.join(REPO, "runs")) or not any(
+        "dry" in d for d in os.listdir(os.path.join(REPO, "runs"))
+    )
+
+
+TINY = """# Tiny {kind} run for the reproduce test.
+#   python -m galkeras.train --flagfile={path}
+# runtime: seconds. Not a paper setting.
+--dataset=digits
+--noise_type=sym
+--noise_rate=0.5
+--backbone=small_cnn
+--backbone_width=4
+--epochs=2
+--warmup_epochs={warmup}
+--lr_decay_epochs=
+--batch_size=64
+--{student}train_student
+"""
+
+
+def _tiny_flags(flags_dir):
+    os.makedirs(flags_dir / "table1")
+    for name, kind, warmup, student in (
+        ("digits_sym50", "GAL", 1, ""),
+        ("digits_sym50_ce", "CE", 2, "no"),
+    ):
+        path = flags_dir / "table1" / f"{name}.flags"
+        path.write_text(
+            TINY.format(kind=kind, path=path, warmup=warmup, student=student)
+        )
+
+
+@pytest.mark.large
+def test_reproduce_runs_then_skips_and_writes_the_table(tmp_path, monkeypatch):
+    _tiny_flags(tmp_path / "flags")
+    monkeypatch.setattr(reproduce, "EXPERIMENTS", {"table1": ("table1/*.flags",)})
+    kwargs = dict(
+        flags_dir=str(tmp_path / "flags"),
+        runs_dir=str(tmp_path / "runs"),
+        out=str(tmp_path / "out"),
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+    def run(command, check):
+        return subprocess.run(
+            command, check=check, env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+
+    written = reproduce.reproduce("table1", run=run, **kwargs)
+    table_path = str(tmp_path / "out" / "table1" / "table.md")
+    assert written == [table_path]
+    summaries = {
+        name: json.loads(
+            (tmp_path / "runs" / "table1" / f"{name}_s0" / "summary.json").read_text()
+        )
+        for name in ("digits_sym50", "digits_sym50_ce")
+    }
+    table = open(table_path).read()
+    # The cells are the summaries' numbers: θC for GAL, θA for cross entropy.
+    gal, ce = (
+        summaries["digits_sym50"]["student"],
+        summaries["digits_sym50_ce"]["twin_a"],
+    )
+
+    def row(label, r):
+        cells = (r["best"], r["last"], r["best_minus_last"])
+        return f"| {label} | " + " | ".join(f"{c:.1f}" for c in cells) + " |"
+
+    assert row("Cross Entropy", ce) in table and row("GAL", gal) in table
+    assert "Digits Sym 50%" in table or "digits Sym 50%" in table
+
+    # Finished runs are skipped: the runner must not be called again.
+    lines = []
+
+    def must_not_run(command, check):
+        raise AssertionError(f"ran {command}")
+
+    reproduce.reproduce("table1", run=must_not_run, log=lines.append, **kwargs)
+    assert sum("finished earlier, skipped" in line for line in lines) == 2
+    assert open(table_path).read() == table_markdown(
+        [load_run(str(tmp_path / "runs" / "table1" / f"{n}_s0")) for n in summaries]
+    )
+
+
+def test_unfinished_run_and_failing_run_are_refused_by_name(tmp_path, monkeypatch):
+    _tiny_flags(tmp_path / "flags")
+    monkeypatch.setattr(reproduce, "EXPERIMENTS", {"table1": ("table1/*.flags",)})
+    kwargs = dict(
+        flags_dir=str(tmp_path / "flags"),
+        runs_dir=str(tmp_path / "runs"),
+        out=str(tmp_path / "out"),
+    )
+    stuck = tmp_path / "runs" / "table1" / "digits_sym50_ce_s0"
+    os.makedirs(stuck)
+    (stuck / "history.csv").write_text("epoch\n0\n")
+
+    def must_not_run(command, check):
+        raise AssertionError("no run may start")
+
+    with pytest.raises(reproduce.ReproduceError, match="digits_sym50_ce_s0"):
+        reproduce.reproduce("table1", run=must_not_run, **kwargs)
+    assert (stuck / "history.csv").exists()  # nothing a user made is lost
+    os.remove(stuck / "history.csv")
+
+    class Failed:
+        returncode = 2
+
+    with pytest.raises(
+        reproduce.ReproduceError, match=r"digits_sym50\.flags .* exit code 2"
+    ):
+        reproduce.reproduce("table1", run=lambda c, check: Failed(), **kwargs)
+
+
+def test_cli_refuses_bad_requests_with_exit_2(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for args, named in (
+        ([], "exactly one of --table and --figure"),
+        (["--table=1", "--figure=4"], "exactly one"),
+        (["--table=1", f"--flags_dir={tmp_path / 'none'}"], "--flags_dir"),
+    ):
+        result = subprocess.run(
+            [os.sys.executable, "-m", "galkeras.reproduce", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert result.returncode == 2 and named in result.stderr, result.stderr
