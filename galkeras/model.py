@@ -397,14 +397,15 @@ class GAL(keras.Model):
         grads_a = [_dense(g, v) for g, v in zip(grads_a, vars_a)]
         grads_b = [_dense(g, v) for g, v in zip(grads_b, vars_b)]
 
-        # The cosine must be taken on the *global* gradients, so that every
-        # replica computes the same gates. The optimizer still receives the local
-        # gradients and sums them itself, so nothing is reduced twice.
+        # The cosine must be taken on the *global* gradients (the mean over
+        # replicas), so that every replica computes the same gates. The optimizer
+        # still receives the local gradients and sums them itself, so nothing is
+        # reduced twice (KERAS_TF_NOTES.md).
         global_a, global_b = grads_a, grads_b
         replica = tf.distribute.get_replica_context()
         if self.distribute_strategy.num_replicas_in_sync > 1 and replica is not None:
-            global_a = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads_a)
-            global_b = replica.all_reduce(tf.distribute.ReduceOp.SUM, grads_b)
+            global_a = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads_a)
+            global_b = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads_b)
         coefficients = agreement.gradient_agreement(global_a, global_b)
         agreed = agreement.agreement_gates(coefficients, self.tau)
         if self.update_rule == "agreement":
@@ -535,6 +536,47 @@ class GAL(keras.Model):
         return tf.nn.softmax(tf.cast(logits, tf.float32))
 
     # ---------------------------------------------------------------- fit
+    def _joint_probabilities_over(self, dataset):
+        """Yields `(ids, p_joint)` NumPy batches over `dataset`'s elements
+        (`{"image", "id"}`), the work spread over the strategy's replicas (and
+        workers). Every batch is gathered from all replicas, so every worker
+        builds the same, complete table."""
+        strategy = self.distribute_strategy
+        if not hasattr(self, "_joint_fn"):
+            self._joint_fn = tf.function(
+                lambda batch: (batch["id"], self.joint_probabilities(batch["image"])),
+                reduce_retracing=True,
+            )
+        if strategy.num_replicas_in_sync == 1:
+            for batch in dataset:
+                ids, batch_probs = self._joint_fn(batch)
+                yield ids.numpy(), batch_probs.numpy()
+            return
+        # One host holds all its replicas' results; across hosts they are
+        # gathered with a collective so that every worker gets every row.
+        multi_worker = strategy.extended._in_multi_worker_mode()
+        if not hasattr(self, "_distributed_joint_fn"):
+
+            @tf.function
+            def distributed(batch):
+                results = strategy.run(self._joint_fn, args=(batch,))
+                if multi_worker:
+                    return tuple(strategy.gather(r, axis=0) for r in results)
+                return results
+
+            self._distributed_joint_fn = distributed
+        for batch in strategy.experimental_distribute_dataset(dataset):
+            ids, batch_probs = self._distributed_joint_fn(batch)
+            if multi_worker:
+                yield ids.numpy(), batch_probs.numpy()
+                continue
+            yield tuple(
+                np.concatenate(
+                    [t.numpy() for t in strategy.experimental_local_results(r)]
+                )
+                for r in (ids, batch_probs)
+            )
+
     def refresh_pseudo_labels(self, training_set, batch_size=None):
         """Recomputes `p_joint` for every training sample (§3.3, Eq. 6-8).
 
@@ -548,12 +590,10 @@ class GAL(keras.Model):
         probs = np.zeros(
             (training_set.num_examples, training_set.num_classes), np.float32
         )
-        if not hasattr(self, "_joint_fn"):
-            self._joint_fn = tf.function(
-                self.joint_probabilities, reduce_retracing=True
-            )
-        for batch in sampling.inference_dataset(training_set.images, batch_size):
-            probs[batch["id"].numpy()] = self._joint_fn(batch["image"]).numpy()
+        for ids, batch_probs in self._joint_probabilities_over(
+            sampling.inference_dataset(training_set.images, batch_size)
+        ):
+            probs[ids] = batch_probs
         if self.pseudo_labels is None or tuple(self.pseudo_labels.shape) != probs.shape:
             with self.distribute_strategy.scope():
                 self.pseudo_labels = tf.Variable(probs, trainable=False, name="p_joint")
