@@ -395,3 +395,25 @@ def build_backbone(
         return small_cnn(*args, width=width, hidden_units=hidden_units, **named)
     factory = {"preact_resnet18": preact_resnet18, "resnet34": resnet34}[kind]
     return factory(*args, width=width, **named)
+
+
+def synchronize_batchnorm(model):
+    """A copy of `model`, with the same weights, whose BatchNormalization layers
+    average their batch statistics over all replicas (`synchronized=True`)
+    instead of each replica normalising by its own share of the batch.
+
+    Nested models (ResNet-50's `keras.applications` body) are converted too.
+    Build it inside the strategy's scope, like the model it copies.
+    """
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config = {**layer.get_config(), "synchronized": True}
+            return keras.layers.BatchNormalization.from_config(config)
+        if isinstance(layer, keras.Model):
+            return synchronize_batchnorm(layer)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -170,6 +170,10 @@ class GAL(keras.Model):
             trainable=False,
             name="twins_split",
         )
+        # float16 needs loss scaling (bfloat16 has float32's range and does not).
+        self.loss_scaling = twin_a.dtype_policy.compute_dtype == "float16"
+        self.twins_loss_scale = DynamicLossScale(self, "twins")
+        self.student_loss_scale = DynamicLossScale(self, "student")
         self.phase = WARMUP
         self.pseudo_labels = None
         self.pseudo_label_stats = {}
@@ -269,6 +273,10 @@ class GAL(keras.Model):
                 )
         optimizer = keras.optimizers.get(optimizer)
         super().compile(optimizer=optimizer, **kwargs)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Keras wraps the optimizer under mixed_float16; GAL scales its losses
+            # itself (DynamicLossScale) so that both twins skip a step together.
+            self.optimizer = self.optimizer.inner_optimizer
         self.optimizer_b = (
             keras.optimizers.get(twin_b_optimizer)
             if (twin_b_optimizer is not None)
@@ -308,6 +316,9 @@ class GAL(keras.Model):
             self._slots = (
                 optimizer_slots(self.optimizer, self.twin_a.trainable_variables),
                 optimizer_slots(self.optimizer_b, self.twin_b.trainable_variables),
+                optimizer_slots(
+                    self.student_optimizer, self.student.trainable_variables
+                ),
             )
 
     @property
@@ -351,11 +362,20 @@ class GAL(keras.Model):
             self._agreement_step(data)
         if self.train_student:
             self._student_step(data["image_a"], data["id_a"])
-        return {name: t.result() for name, t in self._train_trackers.items()}
+        return self._logs(self._train_trackers)
+
+    def _logs(self, trackers):
+        """The trackers' results as the step's logs. Under multi-worker
+        training Keras averages them with `reduce(MEAN, axis=0)`, which needs an
+        axis: each scalar then travels as a `[1]` vector."""
+        logs = {name: tracker.result() for name, tracker in trackers.items()}
+        if self.distribute_strategy.extended._in_multi_worker_mode():
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     def _cross_entropy(self, net, images, labels, tracker_prefix):
         """Mean CE of `net` on its local batch, and the replica-scaled loss."""
-        logits = net(images, training=True)
+        logits = tf.cast(net(images, training=True), tf.float32)
         loss = keras.ops.mean(
             keras.losses.sparse_categorical_crossentropy(
                 labels, logits, from_logits=True
@@ -375,23 +395,32 @@ class GAL(keras.Model):
             loss = self._cross_entropy(
                 self.twin_a, data["image_a"], data["label_a"], "twin_a"
             )
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply(grads, variables)
+            loss = self.twins_loss_scale.scale(loss)
+        grads = self.twins_loss_scale.unscale(tape.gradient(loss, variables))
+        if not self.loss_scaling:
+            self.optimizer.apply(grads, variables)
+            return
+        finite = _all_replicas_finite(all_finite(grads))
+        gates = tf.fill([len(variables)], self.twins_loss_scale.update(finite))
+        self._skip_apply(self.optimizer, grads, variables, self._slots[0], gates)
 
     def _agreement_step(self, data):
         """Phase 2: gradient agreement updating (§3.2, Eq. 4-5)."""
         vars_a = self.twin_a.trainable_variables
         vars_b = self.twin_b.trainable_variables
+        scale = self.twins_loss_scale
         with tf.GradientTape() as tape_a:
             loss_a = self._cross_entropy(
                 self.twin_a, data["image_a"], data["label_a"], "twin_a"
             )
+            loss_a = scale.scale(loss_a)
         with tf.GradientTape() as tape_b:
             loss_b = self._cross_entropy(
                 self.twin_b, data["image_b"], data["label_b"], "twin_b"
             )
-        grads_a = tape_a.gradient(loss_a, vars_a)
-        grads_b = tape_b.gradient(loss_b, vars_b)
+            loss_b = scale.scale(loss_b)
+        grads_a = scale.unscale(tape_a.gradient(loss_a, vars_a))
+        grads_b = scale.unscale(tape_b.gradient(loss_b, vars_b))
         # Dense gradients (IndexedSlices from embeddings), and zeros for variables
         # the loss does not reach: such a pair gets cosine 0 and stays closed.
         grads_a = [_dense(g, v) for g, v in zip(grads_a, vars_a)]
@@ -433,7 +462,26 @@ class GAL(keras.Model):
         ):
             self.last_step[key].assign(value)
 
-        slots_a, slots_b = self._slots
+        slots_a, slots_b, _ = self._slots
+        if self.loss_scaling:
+            # float16: a step with a non-finite gradient in either twin is skipped
+            # for both, weights and slots bit-identical (the skip path), and the
+            # scale halves. `finite` is global: the gradients were all-reduced.
+            finite = scale.update(all_finite(global_a) & all_finite(global_b))
+            if self.masked_update == "zero_grad" and self.update_rule != "all":
+                grads_a = [
+                    g * tf.cast(s, g.dtype) for g, s in zip(grads_a, tf.unstack(gates))
+                ]
+                grads_b = [
+                    g * tf.cast(s, g.dtype) for g, s in zip(grads_b, tf.unstack(gates))
+                ]
+                gates = tf.ones_like(gates)
+            elif self.update_rule == "all":
+                gates = tf.ones_like(gates)
+            gates = tf.logical_and(gates, finite)
+            self._skip_apply(self.optimizer, grads_a, vars_a, slots_a, gates)
+            self._skip_apply(self.optimizer_b, grads_b, vars_b, slots_b, gates)
+            return
         self._gated_apply(self.optimizer, grads_a, vars_a, slots_a, gates)
         self._gated_apply(self.optimizer_b, grads_b, vars_b, slots_b, gates)
 
@@ -449,12 +497,22 @@ class GAL(keras.Model):
         if self.update_rule == "all":
             optimizer.apply(grads, variables)
             return
-        gate_list = tf.unstack(gates)
         if self.masked_update == "zero_grad":
             optimizer.apply(
-                [g * tf.cast(s, g.dtype) for g, s in zip(grads, gate_list)], variables
+                [g * tf.cast(s, g.dtype) for g, s in zip(grads, tf.unstack(gates))],
+                variables,
             )
             return
+        self._skip_apply(optimizer, grads, variables, slots, gates)
+
+    def _skip_apply(self, optimizer, grads, variables, slots, gates):
+        """The `skip` update: the optimizer steps, then every gated-off variable
+        and all its slots get their values from before the step back."""
+        gate_list = tf.unstack(gates)
+        if self.loss_scaling:
+            # A closed gate may hide a non-finite gradient (float16): keep it out
+            # of the optimizer's arithmetic, whose result is discarded anyway.
+            grads = [tf.where(s, g, tf.zeros_like(g)) for g, s in zip(grads, gate_list)]
         targets, saved, target_gates = [], [], []
         for v, var_slots, gate in zip(variables, slots, gate_list):
             for t in (v, *var_slots):
@@ -482,12 +540,20 @@ class GAL(keras.Model):
         """θC's step on θA's batch: `L_c + L_d` against the pseudo-label table."""
         teacher = tf.gather(self.pseudo_labels, ids)
         variables = self.student.trainable_variables
+        scale = self.student_loss_scale
         with tf.GradientTape() as tape:
-            logits = self.student(images, training=True)
+            logits = tf.cast(self.student(images, training=True), tf.float32)
             loss = keras.ops.mean(pseudo_label_loss(teacher, logits, self.epsilon))
-            scaled = loss / self.distribute_strategy.num_replicas_in_sync
-        grads = tape.gradient(scaled, variables)
-        self.student_optimizer.apply(grads, variables)
+            scaled = scale.scale(loss / self.distribute_strategy.num_replicas_in_sync)
+        grads = scale.unscale(tape.gradient(scaled, variables))
+        if self.loss_scaling:
+            finite = _all_replicas_finite(all_finite(grads))
+            gates = tf.fill([len(variables)], scale.update(finite))
+            self._skip_apply(
+                self.student_optimizer, grads, variables, self._slots[2], gates
+            )
+        else:
+            self.student_optimizer.apply(grads, variables)
         self._train_trackers["loss"].update_state(loss)
         self.last_step["student_loss"].assign(loss)
 
@@ -527,7 +593,7 @@ class GAL(keras.Model):
         t["twin_b_accuracy"].update_state(labels, p_b)
         t["joint_accuracy"].update_state(labels, 0.5 * (p_a + p_b))
         t["student_accuracy"].update_state(labels, logits_c)
-        return {name: tracker.result() for name, tracker in t.items()}
+        return self._logs(t)
 
     def predict_step(self, data):
         """θC's class probabilities."""
@@ -603,6 +669,13 @@ class GAL(keras.Model):
             probs, training_set.labels, training_set.clean_labels, self.epsilon
         )
         return probs
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' pre-fit symbolic build, which GAL does not need: its networks
+        are built at construction and its optimizers by `_build_optimizers`.
+        Keras' version also averages a batch over replicas first, which fails
+        for dict batches under `MultiWorkerMirroredStrategy`."""
+        self._build_optimizers()
 
     def fit(
         self,
@@ -707,6 +780,90 @@ class GAL(keras.Model):
         for key in ("twin_a", "twin_b", "student"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def all_finite(tensors):
+    """A scalar bool: every element of every tensor is finite."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+
+
+def _all_replicas_finite(finite):
+    """`finite` and-ed over replicas, so that every replica takes the same path."""
+    replica = tf.distribute.get_replica_context()
+    if replica is None or replica.num_replicas_in_sync == 1:
+        return finite
+    flag = replica.all_reduce(tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32))
+    return flag > 0.5
+
+
+class DynamicLossScale:
+    """Dynamic loss scaling for float16 (Micikevicius et al., 2018), as Keras'
+    `LossScaleOptimizer` does it, but kept outside the optimizers so that a
+    non-finite step can be skipped for both twins at once.
+
+    The loss is multiplied by the scale before differentiation and the gradients
+    divided by it. A step with a non-finite gradient halves the scale; 2,000
+    finite steps in a row double it. Without float16 every method is the
+    identity and no variable is made.
+
+    Args:
+        model: the `GAL` model whose weights hold the state.
+        name: prefix of the state variables.
+        initial: the starting scale.
+        growth_steps: finite steps between doublings.
+    """
+
+    def __init__(self, model, name, initial=2.0**15, growth_steps=2000):
+        self.enabled = model.loss_scaling
+        self.growth_steps = growth_steps
+        if not self.enabled:
+            return
+        self.value = model.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(initial),
+            trainable=False,
+            aggregation="only_first_replica",
+            name=f"{name}_loss_scale",
+        )
+        self.good_steps = model.add_weight(
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name=f"{name}_good_steps",
+        )
+        self.skipped_steps = model.add_weight(
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name=f"{name}_skipped_steps",
+        )
+
+    def scale(self, loss):
+        return loss * self.value if self.enabled else loss
+
+    def unscale(self, grads):
+        if not self.enabled:
+            return grads
+        return [g / tf.cast(self.value, g.dtype) for g in grads]
+
+    def update(self, finite):
+        """Records a step whose gradients were `finite` (a bool tensor, the same
+        on every replica) and returns it."""
+        good = tf.where(finite, self.good_steps + 1, 0)
+        grow = good >= self.growth_steps
+        new_value = tf.where(
+            finite,
+            tf.where(grow, self.value * 2.0, self.value),
+            tf.maximum(self.value / 2.0, 1.0),
+        )
+        self.value.assign(new_value)
+        self.good_steps.assign(tf.where(grow, 0, good))
+        self.skipped_steps.assign_add(tf.cast(tf.logical_not(finite), tf.int32))
+        return finite
 
 
 class VectorMean(keras.metrics.Metric):

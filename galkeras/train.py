@@ -55,6 +55,9 @@ _DEFAULTS = dict(
     verbose=2,
     log_every_steps=50,
     dry_run=False,
+    strategy="auto",
+    sync_batchnorm=False,
+    mixed_precision="none",
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
@@ -67,6 +70,8 @@ SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
 AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+MIXED_PRECISION = ("none", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
@@ -110,6 +115,9 @@ class TrainConfig:
     verbose: int = _DEFAULTS["verbose"]
     log_every_steps: int = _DEFAULTS["log_every_steps"]
     dry_run: bool = _DEFAULTS["dry_run"]
+    strategy: str = _DEFAULTS["strategy"]
+    sync_batchnorm: bool = _DEFAULTS["sync_batchnorm"]
+    mixed_precision: str = _DEFAULTS["mixed_precision"]
 
 
 def config_problems(config):
@@ -201,12 +209,19 @@ def config_problems(config):
         ("masked_update", c.masked_update, MASKED_UPDATES),
         ("augment", c.augment, AUGMENTATIONS),
         ("weight_decay_mode", c.weight_decay_mode, WEIGHT_DECAY_MODES),
+        ("strategy", c.strategy, STRATEGIES),
+        ("mixed_precision", c.mixed_precision, MIXED_PRECISION),
     ):
         need(
             value in allowed, f"--{flag}={value!r} is unknown; choose one of {allowed}."
         )
     reused = c.model_dir and os.path.isdir(c.model_dir) and os.listdir(c.model_dir)
-    if reused and not c.dry_run:
+    chief = True
+    if c.strategy == "multi_worker":
+        problem = tf_config_problem(os.environ.get("TF_CONFIG"))
+        need(problem is None, f"--strategy=multi_worker: {problem}")
+        chief = problem is not None or tf_config_is_chief(os.environ["TF_CONFIG"])
+    if reused and chief and not c.dry_run:
         problems.append(
             f"--model_dir={c.model_dir} already holds files of another run; galkeras "
             "never overwrites a run. Choose a new --model_dir."
@@ -231,13 +246,79 @@ def run(config):
         ValueError (including `galkeras.datasets.DatasetError`): bad configuration
             or data, always before any training.
     """
+    # Before any other TensorFlow op: a multi-worker strategy configures the
+    # collective runtime, which must happen at program start-up.
+    strategy = make_strategy(config.strategy)
     try:
-        prepared = _prepare(config)
+        prepared = _prepare(config, is_chief(strategy))
     except ValueError as error:  # includes DatasetError
         raise ConfigError(str(error)) from error
     if config.dry_run:
         config = dry_run_config(config)
-    return _train(config, *prepared)
+    return _train(config, strategy, *prepared)
+
+
+def tf_config_problem(text):
+    """What is wrong with a `TF_CONFIG` value for multi-worker training, or None."""
+    if not text:
+        return (
+            "TF_CONFIG is not set; set it on every host to "
+            '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+            '"task": {"type": "worker", "index": I}} (see README, "Scaling out").'
+        )
+    try:
+        value = json.loads(text)
+        workers = value["cluster"].get("worker", []) + value["cluster"].get("chief", [])
+        task = value["task"]
+        task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"TF_CONFIG is not valid JSON with cluster and task ({error})."
+    if not workers:
+        return "TF_CONFIG's cluster lists no worker."
+    return None
+
+
+def make_strategy(kind):
+    """The `tf.distribute` strategy `--strategy` names.
+
+    - `auto`: `MirroredStrategy` over all GPUs when more than one is visible,
+      else the default (one device).
+    - `one_device`: the first GPU, or the CPU.
+    - `mirrored`: `MirroredStrategy` over all GPUs (the CPU without GPUs).
+    - `multi_worker`: `MultiWorkerMirroredStrategy`, its cluster from `TF_CONFIG`.
+    """
+    import tensorflow as tf
+
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        )
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if kind == "mirrored" or len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's artefacts (checkpoints, logs,
+    `summary.json`, the export): always, except on the non-chief workers of a
+    multi-worker run."""
+    if not strategy.extended._in_multi_worker_mode():
+        return True
+    return tf_config_is_chief(os.environ.get("TF_CONFIG"))
+
+
+def tf_config_is_chief(text):
+    """Whether `TF_CONFIG` makes this task the chief: the `chief` task, or worker
+    0 of a cluster without one (TensorFlow's convention)."""
+    value = json.loads(text)
+    task = value["task"]
+    if task["type"] == "chief":
+        return True
+    has_chief = bool(value["cluster"].get("chief"))
+    return task["type"] == "worker" and int(task["index"]) == 0 and not has_chief
 
 
 def dry_run_config(config):
@@ -261,7 +342,7 @@ class ConfigError(ValueError):
     """A bad flag or bad data, found before any training started."""
 
 
-def _prepare(config):
+def _prepare(config, chief=True):
     """Validation and data loading: everything that can fail on bad input."""
     problems = config_problems(config)
     if problems:
@@ -302,8 +383,9 @@ def _prepare(config):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     model_dir = config.model_dir or os.path.join("runs", f"{name}-{stamp}")
     export_dir = config.export_dir or os.path.join("saved_models", name)
-    if config.dry_run:  # writes nothing where a real run would
-        model_dir = tempfile.mkdtemp(prefix=f"galkeras-dry-run-{name}-")
+    if config.dry_run or not chief:  # writes nothing where a real run would
+        kind = "dry-run" if config.dry_run else "worker"
+        model_dir = tempfile.mkdtemp(prefix=f"galkeras-{kind}-{name}-")
         export_dir = None
     else:
         export.check_export_base(export_dir)
@@ -321,19 +403,45 @@ def _prepare(config):
     return data, noisy, clean, noise_rate_actual, model_dir, export_dir
 
 
-def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir):
+def _train(
+    config, strategy, data, noisy, clean, noise_rate_actual, model_dir, export_dir
+):
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    policy = keras.mixed_precision.global_policy()
+    if config.mixed_precision != "none":
+        # Layers compute in 16 bits and keep float32 variables; logits, losses
+        # and the agreement math stay float32.
+        keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
+    try:
+        return _fit_and_write(
+            config,
+            strategy,
+            data,
+            noisy,
+            clean,
+            noise_rate_actual,
+            model_dir,
+            export_dir,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _fit_and_write(
+    config, strategy, data, noisy, clean, noise_rate_actual, model_dir, export_dir
+):
     import keras
 
     from galkeras import augment, backbones, export, optimizers, run_logging, sampling
     from galkeras.model import GAL
     from galkeras.training_set import TrainingSet
 
-    keras.utils.set_random_seed(config.seed)
-    strategy = _strategy()
     with strategy.scope():
 
         def make(name, kind):
-            return backbones.build_backbone(
+            net = backbones.build_backbone(
                 kind,
                 data.image_shape,
                 data.num_classes,
@@ -349,6 +457,9 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
                 ),
                 name=name,
             )
+            if config.sync_batchnorm:
+                net = backbones.synchronize_batchnorm(net)
+            return net
 
         gal = GAL(
             make("twin_a", config.backbone),
@@ -423,7 +534,7 @@ def _train(config, data, noisy, clean, noise_rate_actual, model_dir, export_dir)
 
     # θC also as a .keras file, for reloading in Keras (the SavedModel is for serving).
     export_path = None
-    if not config.dry_run:
+    if export_dir is not None:  # not on a dry run, not on a non-chief worker
         gal.student.save(os.path.join(model_dir, "student.keras"))
         export_path = export.export_classifier(
             gal.student, export_dir, data.class_names
@@ -582,16 +693,6 @@ def _augment_kind(config, data):
     return data.augmentation if config.augment == "auto" else config.augment
 
 
-def _strategy():
-    """MirroredStrategy across GPUs when there are several, else the default."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
 # --------------------------------------------------------------------- flags
 FLAGS = flags.FLAGS
 
@@ -672,6 +773,23 @@ def define_flags(flag_values=None):
         "log_every_steps",
         d["log_every_steps"],
         "Per-step values to TensorBoard and steps.csv every this many steps.",
+    )
+    define.string(
+        "strategy",
+        d["strategy"],
+        f"One of {STRATEGIES}: auto = MirroredStrategy over >1 GPUs; multi_worker "
+        "reads TF_CONFIG. --batch_size is the global batch.",
+    )
+    define.bool(
+        "sync_batchnorm",
+        d["sync_batchnorm"],
+        "Average BatchNorm batch statistics over replicas (default: per replica).",
+    )
+    define.string(
+        "mixed_precision",
+        d["mixed_precision"],
+        f"One of {MIXED_PRECISION}; agreement math stays float32; float16 scales "
+        "the loss and skips steps with non-finite gradients.",
     )
     define.bool(
         "dry_run",

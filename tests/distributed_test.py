@@ -150,3 +150,31 @@ def test_gates_use_global_gradients_not_per_replica_ones():
     # The update is the global gradient's step: −0.1 · mean over replicas.
     np.testing.assert_allclose(kernel_a, [[0.025, -0.025], [0.025, -0.025]], atol=1e-7)
     np.testing.assert_allclose(kernel_a, gal.twin_b.trainable_variables[0].numpy())
+
+
+def test_sync_batchnorm_normalises_with_the_global_batch_statistics():
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs the two logical CPUs that conftest configures")
+    from galkeras.backbones import synchronize_batchnorm
+
+    strategy = _mirrored()
+    with strategy.scope():
+        inputs = keras.Input((1,), name="image")
+        outputs = keras.layers.BatchNormalization(center=False, scale=False)(inputs)
+        local = keras.Model(inputs, outputs)
+        synced = synchronize_batchnorm(local)
+    # Replica 0 sees [0, 0], replica 1 sees [2, 2]: local means 0 and 2, global 1.
+    batch = tf.data.Dataset.from_tensors(np.array([[0.0], [0.0], [2.0], [2.0]]))
+
+    def replica_outputs(model):
+        step = tf.function(lambda x: model(x, training=True))
+        x = next(iter(strategy.experimental_distribute_dataset(batch)))
+        return [
+            t.numpy()
+            for t in strategy.experimental_local_results(strategy.run(step, (x,)))
+        ]
+
+    assert all(np.allclose(out, 0.0) for out in replica_outputs(local))
+    first, second = replica_outputs(synced)
+    np.testing.assert_allclose(first, -1.0, atol=1e-3)  # (0 − 1) / 1
+    np.testing.assert_allclose(second, 1.0, atol=1e-3)

@@ -10,7 +10,11 @@ import pytest
 
 from galkeras import agreement, augment, backbones, model, noise, sampling, train
 
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "CUDA_VISIBLE_DEVICES": "",
+}
 
 
 def _cli(*args, cwd):
@@ -143,6 +147,13 @@ def _npz(path, **overrides):
 
 
 BAD_FLAGS = [
+    (["--strategy=tpu_pod"], "--strategy"),
+    (["--strategy=multi_worker"], "TF_CONFIG is not set"),
+    (["--mixed_precision=float8"], "--mixed_precision"),
+    (["--backbone=resnet34", "--hidden_units=8"], "--hidden_units"),
+    (["--pretrained_weights=imagenet"], "--pretrained_weights"),
+    (["--backbone=resnet50", "--pretrained_weights=/no/such.h5"], "/no/such.h5"),
+    (["--log_every_steps=0"], "--log_every_steps"),
     (["--noise_rate=1.0"], "--noise_rate"),
     (["--noise_rate=-0.1"], "--noise_rate"),
     (["--tau=1.5"], "--tau"),
@@ -219,3 +230,34 @@ def test_bad_folder_dataset_exits_nonzero(tmp_path):
     assert result.returncode == 2
     assert "nowhere is not a directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_with_sync_batchnorm_and_bfloat16_in_process(tmp_path):
+    flag = _npz(tmp_path / "data.npz")
+    config = train.TrainConfig(
+        dataset=flag.split("=", 1)[1],
+        epochs=2,
+        warmup_epochs=1,
+        lr_decay_epochs=(),
+        batch_size=10,
+        backbone_width=4,
+        verbose=0,
+        strategy="one_device",
+        sync_batchnorm=True,
+        mixed_precision="bfloat16",
+        model_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "export"),
+    )
+    summary = train.run(config)
+    assert os.path.isdir(summary["export_path"])
+    import keras
+
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    student = keras.saving.load_model(tmp_path / "run" / "student.keras")
+    norms = [
+        layer
+        for layer in student.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert norms and all(layer.synchronized for layer in norms)
+    assert student.layers[2].compute_dtype == "bfloat16"
