@@ -818,29 +818,20 @@ class DynamicLossScale:
         self.growth_steps = growth_steps
         if not self.enabled:
             return
-        self.value = model.add_weight(
-            shape=(),
-            initializer=keras.initializers.Constant(initial),
-            trainable=False,
-            aggregation="only_first_replica",
-            name=f"{name}_loss_scale",
-        )
-        self.good_steps = model.add_weight(
-            shape=(),
-            dtype="int32",
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-            name=f"{name}_good_steps",
-        )
-        self.skipped_steps = model.add_weight(
-            shape=(),
-            dtype="int32",
-            initializer="zeros",
-            trainable=False,
-            aggregation="only_first_replica",
-            name=f"{name}_skipped_steps",
-        )
+
+        def state(suffix, dtype, initial_value):
+            return model.add_weight(
+                shape=(),
+                dtype=dtype,
+                initializer=keras.initializers.Constant(initial_value),
+                trainable=False,
+                aggregation="only_first_replica",
+                name=f"{name}_{suffix}",
+            )
+
+        self.value = state("loss_scale", "float32", initial)
+        self.good_steps = state("good_steps", "int32", 0)
+        self.skipped_steps = state("skipped_steps", "int32", 0)
 
     def scale(self, loss):
         return loss * self.value if self.enabled else loss

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from conftest import tiny_run_config
 
 from galkeras import train
 from galkeras.datasets import DatasetError, load_dataset
@@ -168,19 +169,13 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
 @pytest.mark.large
 def test_training_run_decodes_from_disk_and_exports(tmp_path):
     write_fake_release(_manual(tmp_path))
-    config = train.TrainConfig(
-        dataset="clothing1m",
+    config = tiny_run_config(
+        tmp_path,
+        "clothing1m",
         data_dir=str(tmp_path),
         image_size=(16, 16),
         noise_type="none",
-        epochs=2,
-        warmup_epochs=1,
-        lr_decay_epochs=(),
         batch_size=7,
-        backbone_width=4,
-        verbose=0,
-        model_dir=str(tmp_path / "run"),
-        export_dir=str(tmp_path / "export"),
     )
     summary = train.run(config)
     assert summary["dataset"] == "clothing1m" and summary["skipped_images"] == 0

@@ -47,3 +47,22 @@ def tiny_data(n=48, num_classes=3, seed=0, shape=(4, 4, 1)):
 @pytest.fixture
 def tiny():
     return tiny_net, tiny_data
+
+
+def tiny_run_config(tmp_path, dataset, **overrides):
+    """A `galkeras.train.TrainConfig` for a seconds-long run: 2 epochs (W = 1),
+    width-4 networks, its run and export directories under `tmp_path`."""
+    from galkeras import train
+
+    values = dict(
+        dataset=dataset,
+        epochs=2,
+        warmup_epochs=1,
+        lr_decay_epochs=(),
+        batch_size=10,
+        backbone_width=4,
+        verbose=0,
+        model_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "export"),
+    )
+    return train.TrainConfig(**{**values, **overrides})

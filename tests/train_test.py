@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_run_config
 
 from galkeras import agreement, augment, backbones, model, noise, sampling, train
 
@@ -203,18 +204,7 @@ def test_bad_npz_exits_nonzero_naming_the_key(tmp_path, overrides, named):
 
 def test_run_on_npz_in_process(tmp_path):
     flag = _npz(tmp_path / "data.npz")
-    config = train.TrainConfig(
-        dataset=flag.split("=", 1)[1],
-        epochs=2,
-        warmup_epochs=1,
-        lr_decay_epochs=(),
-        batch_size=10,
-        backbone_width=4,
-        verbose=0,
-        noise_rate=0.2,
-        model_dir=str(tmp_path / "run"),
-        export_dir=str(tmp_path / "export"),
-    )
+    config = tiny_run_config(tmp_path, flag.split("=", 1)[1], noise_rate=0.2)
     summary = train.run(config)
     assert summary["dataset"] == "data" and os.path.isdir(summary["export_path"])
     with pytest.raises(train.ConfigError, match="--model_dir"):
@@ -234,19 +224,12 @@ def test_bad_folder_dataset_exits_nonzero(tmp_path):
 
 def test_run_with_sync_batchnorm_and_bfloat16_in_process(tmp_path):
     flag = _npz(tmp_path / "data.npz")
-    config = train.TrainConfig(
-        dataset=flag.split("=", 1)[1],
-        epochs=2,
-        warmup_epochs=1,
-        lr_decay_epochs=(),
-        batch_size=10,
-        backbone_width=4,
-        verbose=0,
+    config = tiny_run_config(
+        tmp_path,
+        flag.split("=", 1)[1],
         strategy="one_device",
         sync_batchnorm=True,
         mixed_precision="bfloat16",
-        model_dir=str(tmp_path / "run"),
-        export_dir=str(tmp_path / "export"),
     )
     summary = train.run(config)
     assert os.path.isdir(summary["export_path"])
