@@ -58,6 +58,7 @@ _DEFAULTS = dict(
     strategy="auto",
     sync_batchnorm=False,
     mixed_precision="none",
+    deterministic=False,
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
@@ -118,6 +119,7 @@ class TrainConfig:
     strategy: str = _DEFAULTS["strategy"]
     sync_batchnorm: bool = _DEFAULTS["sync_batchnorm"]
     mixed_precision: str = _DEFAULTS["mixed_precision"]
+    deterministic: bool = _DEFAULTS["deterministic"]
 
 
 def config_problems(config):
@@ -249,6 +251,12 @@ def run(config):
     # Before any other TensorFlow op: a multi-worker strategy configures the
     # collective runtime, which must happen at program start-up.
     strategy = make_strategy(config.strategy)
+    if config.deterministic:
+        import tensorflow as tf
+
+        # Seeds alone leave some kernels free to reorder floating-point sums;
+        # this makes every op deterministic (or raise where it cannot be).
+        tf.config.experimental.enable_op_determinism()
     try:
         prepared = _prepare(config, is_chief(strategy))
     except ValueError as error:  # includes DatasetError
@@ -790,6 +798,12 @@ def define_flags(flag_values=None):
         d["mixed_precision"],
         f"One of {MIXED_PRECISION}; agreement math stays float32; float16 scales "
         "the loss and skips steps with non-finite gradients.",
+    )
+    define.bool(
+        "deterministic",
+        d["deterministic"],
+        "Deterministic ops (tf.config.experimental.enable_op_determinism) on top "
+        "of the seeds: the same flags give bit-identical weights on CPU.",
     )
     define.bool(
         "dry_run",
