@@ -1,0 +1,1401 @@
+"""Speed and memory of GAL against cross entropy (CE), on whatever machine runs it.
+
+Five parts. Each prints a Markdown table and, with `--out=DIR`, writes a JSON file
+to DIR (all the tables also go to `DIR/tables.md`, the targets to
+`DIR/summary.json`). Within a part every contender is timed side by side in this
+one process: the contenders take turns over rounds, in reversed order every other
+round, each round starts with untimed warm-up calls, and a figure is the median
+over every timed call of all rounds. Ratios are ratios of those medians; the JSON
+also keeps each round's own ratio. Read the ratios: absolute times depend on the
+machine and on whatever else runs on it.
+
+1. `step` (step_time.json): one train step at batch 128 on 32×32×3 images, 10
+   classes, for `small_cnn` and `preact_resnet18`. Steps are driven by calling the
+   compiled `train_function` (what `fit` calls once per step) on an iterator over
+   8 CDAS batches held in memory, so input-pipeline cost is excluded. Contenders:
+   - `ce_keras`: the backbone alone as a plain `keras.Model` (compiled CE loss,
+     the same SGD), for reference;
+   - `ce`: `GAL` in phase "warmup" with `train_student=False` (θA's CE step, the
+     `_warmup_step` path: how galkeras trains its CE baseline);
+   - `twins`: phase "agreement", `train_student=False` (both twins, Eq. 4-5
+     cosine, gates, `skip` update);
+   - `twins_all`: the same with `update_rule="all"` (the cosine and its logging
+     are still computed; the update is not gated);
+   - `twins_zero_grad`: the same with `masked_update="zero_grad"`;
+   - `gal`: the full GAL step (twins + θC on Eq. 9-11);
+   - `agreement`: a `tf.function` running only `gradient_agreement` +
+     `agreement_gates` on random gradient tensors of the backbone's shapes;
+   - `apply`, `apply_skip_closed`, `apply_skip_open`: θB's optimizer applying
+     zero gradients to θB's variables directly, and through `GAL._gated_apply`
+     in the `skip` mode with every gate closed (every variable and optimizer slot
+     put back: the most the skip mode can add) and with every gate open.
+   Agreement and gating = `agreement` + (`apply_skip_closed` − `apply`): an upper
+   bound, as in training some gates are open. The round-paired differences
+   `twins` − `twins_all` (the skip restore at the real gates) and
+   `twins_zero_grad` − `twins_all` are reported as a cross-check.
+2. `scaling` (agreement_scaling.json): `agreement` and the skip-restore overhead
+   (`apply_skip_closed` − `apply`) for small CNN, PreAct ResNet-18, ResNet-34 and
+   ResNet-50 (`weights=None`). Both depend only on the variables' shapes, so the
+   ResNet-34/50 are built for 64×64 inputs. A least-squares slope of log time
+   against log parameters ≤ 1 means the cost grows no faster than linearly.
+3. `refresh` (refresh.json): one `refresh_pseudo_labels` pass over the N training
+   images (its own batch size, max(batch, 256)) against one CE epoch over the same
+   N (⌈N/128⌉ `ce` steps on the in-memory stream), before the warm-up switch (θA
+   only) and after it (θA and θB); and one evaluation pass (`evaluate`) of the
+   validation set in either phase, which part 4's floor needs.
+4. `run` (whole_run.json): whole `fit` runs on the same N images (`small_cnn`,
+   crop+flip augmentation, per-epoch validation, E = 10, W = 4): GAL, CE as
+   galkeras runs it (`GAL`, W = E, `train_student=False`) and CE in plain Keras.
+   The floor is the sum of the measured parts for that schedule:
+   W·(epoch_CE + refresh_θA + eval_warmup) + (E−W)·(epoch_GAL + refresh_θAθB +
+   eval_split), the epochs from part 1's medians (⌈N/128⌉ steps each), the
+   refreshes and evaluations from part 3. It is also measured again in every
+   round, right after that round's runs (`floor_same_round`).
+5. `memory` (memory.json): peak memory of one contender per fresh subprocess
+   (`ce_keras`, `ce`, `twins`, `gal`): TensorFlow's CPU allocator
+   (`tf.config.experimental.get_memory_info("CPU:0")`, peak over a few steps
+   after the first, minus what was in use before the models were built), and the
+   process's peak RSS (VmHWM, building and tracing included) minus its RSS at
+   that same point.
+
+    python benchmarks/performance.py --out=benchmarks/results/performance
+    python benchmarks/performance.py --tiny --out=/tmp/performance  # < 1 minute
+
+`--parts=step,refresh` runs some parts only.
+"""
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from galkeras import agreement, augment, backbones, optimizers, sampling  # noqa: E402
+from galkeras.model import GAL, optimizer_slots  # noqa: E402
+from galkeras.training_set import TrainingSet  # noqa: E402
+
+PARTS = ("step", "scaling", "refresh", "run", "memory")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("tiny", False, "Small batch, inputs, nets and counts: < 1 minute.")
+flags.DEFINE_string("out", "", "Directory for the JSON files and tables.md.")
+flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
+flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds (parts 1-3).")
+flags.DEFINE_integer("steps", 30, "Timed small-CNN steps per contender per round.")
+flags.DEFINE_integer("resnet_steps", 8, "Timed ResNet steps per contender per round.")
+flags.DEFINE_integer("warmup_steps", 2, "Untimed calls per contender per round.")
+flags.DEFINE_integer("run_rounds", 2, "Interleaved rounds of whole runs (part 4).")
+flags.DEFINE_string("memory_probe", "", "Internal: one part-5 measurement (JSON).")
+flags.register_validator(
+    "parts", lambda parts: set(parts) <= set(PARTS), f"--parts must be in {PARTS}."
+)
+
+NUM_CLASSES = 10
+MEAN, STD = (127.5,) * 3, (64.0,) * 3
+TAU = 0.4
+NOISE_RATE = 0.4
+STEP_CONTENDERS = ("ce_keras", "ce", "twins", "twins_all", "twins_zero_grad", "gal")
+# GAL options of each GAL contender (`ce_keras` is a plain keras.Model).
+GAL_OPTIONS = {
+    "ce": dict(warmup_epochs=1, train_student=False),
+    "twins": dict(warmup_epochs=0, train_student=False),
+    "twins_all": dict(warmup_epochs=0, train_student=False, update_rule="all"),
+    "twins_zero_grad": dict(
+        warmup_epochs=0, train_student=False, masked_update="zero_grad"
+    ),
+    "gal": dict(warmup_epochs=0, train_student=True),
+}
+MEMORY_CONTENDERS = ("ce_keras", "ce", "twins", "gal")
+TARGETS = {
+    "twins_over_ce": 2.05,
+    "gal_over_ce": 3.1,
+    "agreement_gating_over_twins": 0.03,
+    "refresh_per_network_over_ce_epoch": 0.35,
+    "wall_over_floor": 1.10,
+    "agreement_scaling_slope": 1.0,
+}
+PAPER_GAL_OVER_CE = 2.43  # Table 6: GAL 5.1 h / CE 2.1 h, CIFAR-10 sym50, one V100
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A backbone as the benchmark builds it."""
+
+    kind: str
+    image_shape: tuple
+    width: int = None
+
+    @property
+    def label(self):
+        return self.kind if self.width is None else f"{self.kind} (width {self.width})"
+
+    def build(self, name):
+        return backbones.build_backbone(
+            self.kind,
+            self.image_shape,
+            NUM_CLASSES,
+            MEAN,
+            STD,
+            width=self.width,
+            name=name,
+        )
+
+
+@dataclasses.dataclass
+class Settings:
+    batch_size: int
+    step_backbones: tuple
+    scaling_backbones: tuple
+    steps: dict  # kind -> timed steps per contender per round
+    images: dict  # kind -> N of parts 1, 3 (and 4 for small_cnn)
+    rounds: int
+    warmup_steps: int
+    scaling_calls: int
+    run_epochs: int
+    run_warmup_epochs: int
+    run_rounds: int
+    memory_backbones: tuple
+    memory_contenders: tuple
+    memory_steps: int
+
+
+def settings_from_flags():
+    if FLAGS.tiny:
+        cnn = Backbone("small_cnn", (16, 16, 3), width=8)
+        return Settings(
+            batch_size=16,
+            step_backbones=(cnn,),
+            scaling_backbones=(cnn, Backbone("small_cnn", (16, 16, 3), width=32)),
+            steps={"small_cnn": 3},
+            images={"small_cnn": 256},
+            rounds=1,
+            warmup_steps=1,
+            scaling_calls=3,
+            run_epochs=2,
+            run_warmup_epochs=1,
+            run_rounds=1,
+            memory_backbones=(cnn,),
+            memory_contenders=("ce_keras", "gal"),
+            memory_steps=2,
+        )
+    cifar = (32, 32, 3)
+    return Settings(
+        batch_size=128,
+        step_backbones=(
+            Backbone("small_cnn", cifar),
+            Backbone("preact_resnet18", cifar),
+        ),
+        scaling_backbones=(
+            Backbone("small_cnn", cifar),
+            Backbone("preact_resnet18", cifar),
+            Backbone("resnet34", (64, 64, 3)),
+            Backbone("resnet50", (64, 64, 3)),
+        ),
+        steps={"small_cnn": FLAGS.steps, "preact_resnet18": FLAGS.resnet_steps},
+        images={"small_cnn": 4096, "preact_resnet18": 1024},
+        rounds=FLAGS.rounds,
+        warmup_steps=FLAGS.warmup_steps,
+        scaling_calls=10,
+        run_epochs=10,
+        run_warmup_epochs=4,
+        run_rounds=FLAGS.run_rounds,
+        memory_backbones=(
+            Backbone("small_cnn", cifar),
+            Backbone("preact_resnet18", cifar),
+        ),
+        memory_contenders=MEMORY_CONTENDERS,
+        memory_steps=3,
+    )
+
+
+# ------------------------------------------------------------------ timing
+def side_by_side(contenders, rounds, warmup):
+    """Times `{name: (fn, calls)}` interleaved over rounds.
+
+    Returns `{name: [[seconds of each timed call] for each round]}`.
+    """
+    times = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn, calls = contenders[name]
+            for _ in range(warmup):
+                fn()
+            round_times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                round_times.append(time.perf_counter() - start)
+            times[name].append(round_times)
+    return times
+
+
+def median(times):
+    return float(np.median([t for round_times in times for t in round_times]))
+
+
+def round_medians(times):
+    return [float(np.median(round_times)) for round_times in times]
+
+
+def ratio(times, numerator, denominator, scale=1.0):
+    """Ratio of medians, with each round's own ratio beside it."""
+    return {
+        "ratio": median(times[numerator]) / (scale * median(times[denominator])),
+        "rounds": [
+            n / (scale * d)
+            for n, d in zip(
+                round_medians(times[numerator]), round_medians(times[denominator])
+            )
+        ],
+    }
+
+
+def paired_difference(times, a, b):
+    """Median over rounds of (round median of a − round median of b)."""
+    diffs = [x - y for x, y in zip(round_medians(times[a]), round_medians(times[b]))]
+    return {"seconds": float(np.median(diffs)), "rounds": diffs}
+
+
+def safe_ratio(numerator, denominator):
+    """`None` when the denominator is not positive (tiny runs' allocator deltas)."""
+    return numerator / denominator if denominator > 0 else None
+
+
+def fmt_ratio(value):
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_ms(seconds):
+    return f"{1000 * seconds:,.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def fmt_s(seconds):
+    return f"{seconds:,.2f} s"
+
+
+# -------------------------------------------------------------------- data
+def synthetic_data(n, shape, seed):
+    """Learnable images (class j brightens a band of rows) with 40% sym. noise."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, NUM_CLASSES, n)
+    images = rng.integers(0, 128, (n, *shape), dtype=np.uint8)
+    band = max(1, shape[0] // NUM_CLASSES)
+    for j in range(NUM_CLASSES):
+        row = (j * band) % shape[0]
+        images[clean == j, row : row + band] += 100
+    flip = rng.random(n) < NOISE_RATE
+    noisy = np.where(
+        flip, (clean + rng.integers(1, NUM_CLASSES, n)) % NUM_CLASSES, clean
+    )
+    return images, noisy.astype(np.int64), clean.astype(np.int64)
+
+
+def fixed_stream(images, labels, batch_size, count=8):
+    """An endless dataset cycling over `count` CDAS batch pairs held in memory."""
+    sampler = sampling.CDASSampler(labels, batch_size, num_classes=NUM_CLASSES)
+    paired = sampling.paired_dataset(sampler, images, labels, start_step=0)
+    elements = list(paired.take(count))
+    stacked = {k: tf.stack([e[k] for e in elements]) for k in elements[0]}
+    return tf.data.Dataset.from_tensor_slices(stacked).repeat().prefetch(2)
+
+
+def sgd():
+    """The paper's optimiser (§4.1.2), at a constant learning rate."""
+    return optimizers.SGD(0.02, momentum=0.9, weight_decay=5e-4)
+
+
+def build_gal(backbone, student=None, **options):
+    keras.utils.set_random_seed(0)
+    gal = GAL(
+        backbone.build("twin_a"),
+        backbone.build("twin_b"),
+        (student or backbone).build("student"),
+        tau=TAU,
+        **options,
+    )
+    gal.compile(optimizer=sgd())
+    return gal
+
+
+def build_keras_ce(backbone):
+    keras.utils.set_random_seed(0)
+    net = backbone.build("ce")
+    net.compile(
+        optimizer=sgd(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return net
+
+
+def wait(logs):
+    """Fetches one output, so a call's time includes its whole step."""
+    next(iter(logs.values())).numpy()
+
+
+class Bench:
+    """One backbone's contenders, sharing one data set and one fixed batch stream."""
+
+    def __init__(self, backbone, batch_size, num_images):
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self.images, self.labels, self.clean = synthetic_data(
+            num_images, backbone.image_shape, seed=0
+        )
+        val_images, _, val_labels = synthetic_data(
+            num_images // 4, backbone.image_shape, seed=1
+        )
+        self.validation = sampling.evaluation_dataset(
+            val_images, val_labels, batch_size
+        )
+        self.training_set = TrainingSet(
+            self.images,
+            self.labels,
+            batch_size=batch_size,
+            clean_labels=self.clean,
+            num_classes=NUM_CLASSES,
+        )
+        self.stream = fixed_stream(self.images, self.labels, batch_size)
+        self.models = {}
+        self.steppers = {}
+        self.trace_seconds = {}
+
+    @property
+    def steps_per_epoch(self):
+        return self.training_set.steps_per_epoch
+
+    def model(self, contender):
+        if contender not in self.models:
+            if contender == "ce_keras":
+                model = build_keras_ce(self.backbone)
+            else:
+                model = build_gal(self.backbone, **GAL_OPTIONS[contender])
+                # What GAL.fit does before its first step.
+                model._build_optimizers()
+                model.enter_epoch(0)
+                if model.train_student:
+                    model.refresh_pseudo_labels(self.training_set)
+            model.make_train_function(force=True)
+            self.models[contender] = model
+        return self.models[contender]
+
+    def stepper(self, contender):
+        """A zero-argument call running one train step of `contender`."""
+        if contender not in self.steppers:
+            model = self.model(contender)
+            stream = self.stream
+            if contender == "ce_keras":
+                stream = stream.map(lambda b: (b["image_a"], b["label_a"]))
+            iterator = iter(stream)
+
+            def step():
+                wait(model.train_function(iterator))
+
+            start = time.perf_counter()
+            step()  # traces (and XLA-compiles the agreement)
+            self.trace_seconds[contender] = time.perf_counter() - start
+            self.steppers[contender] = step
+        return self.steppers[contender]
+
+    def ce_epoch(self):
+        step = self.stepper("ce")
+        for _ in range(self.steps_per_epoch):
+            step()
+
+    def gal_epoch(self):
+        step = self.stepper("gal")
+        for _ in range(self.steps_per_epoch):
+            step()
+
+    def refresh(self, contender):
+        model = self.model(contender)
+        return lambda: model.refresh_pseudo_labels(self.training_set)
+
+    def evaluate(self, contender):
+        model = self.model(contender)
+        return lambda: model.evaluate(self.validation, verbose=0)
+
+
+def agreement_call(variables, seed=0):
+    """`gradient_agreement` + `agreement_gates` on random gradients of these shapes."""
+    generator = tf.random.Generator.from_seed(seed)
+    grads_a = [generator.normal(v.shape) for v in variables]
+    grads_b = [generator.normal(v.shape) for v in variables]
+    fn = tf.function(
+        lambda a, b: agreement.agreement_gates(agreement.gradient_agreement(a, b), TAU)
+    )
+    return lambda: fn(grads_a, grads_b).numpy()
+
+
+def apply_calls(gal):
+    """θB's optimizer applying zero gradients: directly, and through the `skip`
+    update with every gate closed and with every gate open."""
+    variables = gal.twin_b.trainable_variables
+    slots = optimizer_slots(gal.optimizer_b, variables)
+    zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
+    closed = tf.zeros([len(variables)], tf.bool)
+    opened = tf.ones([len(variables)], tf.bool)
+
+    @tf.function
+    def plain(grads):
+        gal.optimizer_b.apply(grads, variables)
+        return gal.optimizer_b.iterations.value
+
+    @tf.function
+    def gated(grads, gates):
+        gal._gated_apply(gal.optimizer_b, grads, variables, slots, gates)
+        return gal.optimizer_b.iterations.value
+
+    return {
+        "apply": lambda: plain(zeros).numpy(),
+        "apply_skip_closed": lambda: gated(zeros, closed).numpy(),
+        "apply_skip_open": lambda: gated(zeros, opened).numpy(),
+    }
+
+
+def parameter_count(model):
+    return int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+
+# -------------------------------------------------------------- part 1
+def part_step(settings, benches):
+    result = {"backbones": {}}
+    rows = []
+    for backbone in settings.step_backbones:
+        bench = benches[backbone.kind]
+        steps = settings.steps[backbone.kind]
+        contenders = {name: (bench.stepper(name), steps) for name in STEP_CONTENDERS}
+        twins = bench.model("twins")
+        isolated = {"agreement": agreement_call(twins.twin_a.trainable_variables)}
+        isolated.update(apply_calls(twins))
+        for name, fn in isolated.items():
+            fn()  # traces, XLA-compiles
+            contenders[name] = (fn, 5 * steps)
+        times = side_by_side(contenders, settings.rounds, settings.warmup_steps)
+        seconds = {name: median(t) for name, t in times.items()}
+        skip_overhead = paired_difference(times, "apply_skip_closed", "apply")
+        gating = seconds["agreement"] + skip_overhead["seconds"]
+        ratios = {
+            "twins_over_ce": ratio(times, "twins", "ce"),
+            "gal_over_ce": ratio(times, "gal", "ce"),
+            "ce_over_ce_keras": ratio(times, "ce", "ce_keras"),
+            "twins_all_over_ce": ratio(times, "twins_all", "ce"),
+            "agreement_gating_over_twins": {
+                "ratio": gating / seconds["twins"],
+                "rounds": [
+                    (a + s - p) / t
+                    for a, s, p, t in zip(
+                        *(
+                            round_medians(times[k])
+                            for k in (
+                                "agreement",
+                                "apply_skip_closed",
+                                "apply",
+                                "twins",
+                            )
+                        )
+                    )
+                ],
+            },
+        }
+        result["backbones"][backbone.kind] = {
+            "backbone": dataclasses.asdict(backbone),
+            "parameters_per_network": parameter_count(twins.twin_a),
+            "batch_size": settings.batch_size,
+            "seconds": seconds,
+            "round_medians": {name: round_medians(t) for name, t in times.items()},
+            "calls_per_round": {name: c for name, (_, c) in contenders.items()},
+            "trace_seconds": dict(bench.trace_seconds),
+            "agreement_gating_seconds": gating,
+            "skip_restore_all_closed_seconds": skip_overhead,
+            "twins_minus_twins_all_seconds": paired_difference(
+                times, "twins", "twins_all"
+            ),
+            "zero_grad_minus_twins_all_seconds": paired_difference(
+                times, "twins_zero_grad", "twins_all"
+            ),
+            "ratios": ratios,
+        }
+        rows += [
+            [
+                backbone.label,
+                fmt_ms(seconds["ce_keras"]),
+                fmt_ms(seconds["ce"]),
+                fmt_ms(seconds["twins"]),
+                fmt_ms(seconds["gal"]),
+                f"{ratios['twins_over_ce']['ratio']:.2f} (≤ 2.05)",
+                f"{ratios['gal_over_ce']['ratio']:.2f} (≤ 3.1)",
+                fmt_ms(seconds["agreement"]),
+                fmt_ms(skip_overhead["seconds"]),
+                f"{100 * ratios['agreement_gating_over_twins']['ratio']:.2f}% (≤ 3%)",
+            ]
+        ]
+    table = markdown(
+        [
+            "backbone",
+            "CE (Keras)",
+            "CE (GAL warm-up)",
+            "twins",
+            "full GAL",
+            "twins / CE",
+            "GAL / CE",
+            "cosine + gates",
+            "skip restore (all closed)",
+            "agreement + gating / twins",
+        ],
+        rows,
+    )
+    return result, table
+
+
+# -------------------------------------------------------------- part 2
+def part_scaling(settings):
+    contenders, info = {}, {}
+    for backbone in settings.scaling_backbones:
+        # The student is irrelevant here: the smallest network keeps memory down.
+        gal = build_gal(
+            backbone,
+            student=Backbone("small_cnn", backbone.image_shape, 4),
+            warmup_epochs=0,
+        )
+        gal._build_optimizers()
+        calls = {"agreement": agreement_call(gal.twin_a.trainable_variables)}
+        calls.update(apply_calls(gal))
+        del calls["apply_skip_open"]
+        for name, fn in calls.items():
+            fn()
+            contenders[f"{backbone.label}/{name}"] = (fn, settings.scaling_calls)
+        info[backbone.label] = {
+            "backbone": dataclasses.asdict(backbone),
+            "parameters": parameter_count(gal.twin_a),
+            "variables": len(gal.twin_a.trainable_variables),
+        }
+    times = side_by_side(contenders, settings.rounds, settings.warmup_steps)
+    rows = []
+    for label, entry in info.items():
+        agree = median(times[f"{label}/agreement"])
+        restore = paired_difference(
+            times, f"{label}/apply_skip_closed", f"{label}/apply"
+        )
+        entry.update(
+            agreement_seconds=agree,
+            apply_seconds=median(times[f"{label}/apply"]),
+            skip_restore_all_closed_seconds=restore,
+            agreement_ns_per_parameter=1e9 * agree / entry["parameters"],
+            agreement_gating_seconds=agree + restore["seconds"],
+        )
+        rows.append(
+            [
+                label,
+                f"{entry['parameters'] / 1e6:.2f} M",
+                entry["variables"],
+                fmt_ms(agree),
+                f"{entry['agreement_ns_per_parameter']:.2f}",
+                fmt_ms(restore["seconds"]),
+                fmt_ms(entry["apply_seconds"]),
+            ]
+        )
+    params = np.array([e["parameters"] for e in info.values()], float)
+    agree = np.array([e["agreement_seconds"] for e in info.values()])
+    total = np.array([e["agreement_gating_seconds"] for e in info.values()])
+    large = params >= 1e6
+    fit = {
+        "agreement_slope_all": float(np.polyfit(np.log(params), np.log(agree), 1)[0]),
+        "agreement_gating_slope_all": float(
+            np.polyfit(np.log(params), np.log(np.maximum(total, 1e-9)), 1)[0]
+        ),
+    }
+    if large.sum() >= 2:
+        fit["agreement_slope_resnets"] = float(
+            np.polyfit(np.log(params[large]), np.log(agree[large]), 1)[0]
+        )
+        fit["agreement_gating_slope_resnets"] = float(
+            np.polyfit(
+                np.log(params[large]), np.log(np.maximum(total[large], 1e-9)), 1
+            )[0]
+        )
+    slope = fit.get("agreement_slope_resnets", fit["agreement_slope_all"])
+    fit["no_faster_than_linear"] = bool(slope <= TARGETS["agreement_scaling_slope"])
+    if len(params) >= 3:
+        # The cosine costs per scalar and per variable (one reduction each):
+        # t ≈ c0 + c_param·P + c_variable·V, least squares.
+        variables = np.array([e["variables"] for e in info.values()], float)
+        design = np.stack([np.ones_like(params), params, variables], axis=1)
+        coef = np.linalg.lstsq(design, agree, rcond=None)[0]
+        fit["agreement_linear_model"] = {
+            "seconds": float(coef[0]),
+            "ns_per_parameter": float(1e9 * coef[1]),
+            "us_per_variable": float(1e6 * coef[2]),
+            "relative_residuals": [float(r) for r in (design @ coef - agree) / agree],
+        }
+    table = markdown(
+        [
+            "backbone",
+            "parameters",
+            "variables",
+            "cosine + gates",
+            "ns / parameter",
+            "skip restore (all closed)",
+            "optimizer apply (reference)",
+        ],
+        rows,
+    )
+    table += "\n\n" + ", ".join(
+        f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}"
+        for k, v in fit.items()
+        if k != "agreement_linear_model"
+    )
+    if "agreement_linear_model" in fit:
+        model = fit["agreement_linear_model"]
+        table += (
+            f"; least squares t ≈ {fmt_ms(model['seconds'])} + "
+            f"{model['ns_per_parameter']:.2f} ns × parameters + "
+            f"{model['us_per_variable']:.1f} µs × variables (largest residual "
+            f"{100 * max(map(abs, model['relative_residuals'])):.0f}%)"
+        )
+    return {"backbones": info, "fit": fit}, table
+
+
+# -------------------------------------------------------------- part 3
+def part_refresh(settings, benches):
+    result = {"backbones": {}}
+    rows = []
+    for backbone in settings.step_backbones:
+        bench = benches[backbone.kind]
+        contenders = {
+            "ce_epoch": (bench.ce_epoch, 1),
+            "refresh_warmup": (bench.refresh("ce"), 1),
+            "refresh_split": (bench.refresh("gal"), 1),
+            "eval_warmup": (bench.evaluate("ce"), 1),
+            "eval_split": (bench.evaluate("gal"), 1),
+        }
+        for fn, _ in contenders.values():
+            fn()  # traces the refresh and test functions
+        times = side_by_side(contenders, settings.rounds, warmup=0)
+        seconds = {name: median(t) for name, t in times.items()}
+        ratios = {
+            "refresh_per_network_over_ce_epoch": ratio(
+                times, "refresh_split", "ce_epoch", scale=2.0
+            ),
+            "refresh_split_over_ce_epoch": ratio(times, "refresh_split", "ce_epoch"),
+            "refresh_warmup_over_ce_epoch": ratio(times, "refresh_warmup", "ce_epoch"),
+        }
+        result["backbones"][backbone.kind] = {
+            "num_images": bench.training_set.num_examples,
+            "validation_images": (bench.training_set.num_examples // 4),
+            "batch_size": settings.batch_size,
+            "refresh_batch_size": max(settings.batch_size, 256),
+            "steps_per_epoch": bench.steps_per_epoch,
+            "seconds": seconds,
+            "round_seconds": {name: round_medians(t) for name, t in times.items()},
+            "ratios": ratios,
+        }
+        r = ratios["refresh_per_network_over_ce_epoch"]["ratio"]
+        rows.append(
+            [
+                f"{backbone.label}, N = {bench.training_set.num_examples:,}",
+                fmt_s(seconds["ce_epoch"]),
+                fmt_s(seconds["refresh_warmup"]),
+                fmt_s(seconds["refresh_split"]),
+                f"{ratios['refresh_split_over_ce_epoch']['ratio']:.2f}",
+                f"{r:.2f} (≤ 0.35)",
+                fmt_s(seconds["eval_warmup"]),
+                fmt_s(seconds["eval_split"]),
+            ]
+        )
+    table = markdown(
+        [
+            "backbone",
+            "CE epoch",
+            "refresh, θA (warm-up)",
+            "refresh, θA+θB",
+            "refresh θA+θB / CE epoch",
+            "per network",
+            "eval, warm-up",
+            "eval, after split",
+        ],
+        rows,
+    )
+    return result, table
+
+
+# -------------------------------------------------------------- part 4
+def floor_seconds(step_ce, step_gal, refresh, evaluation, steps, epochs, warmup):
+    """The schedule's floor; `refresh`, `evaluation`: (warm-up, after split)."""
+    warm = warmup * (steps * step_ce + refresh[0] + evaluation[0])
+    agree = (epochs - warmup) * (steps * step_gal + refresh[1] + evaluation[1])
+    no_eval = warm + agree - warmup * evaluation[0] - (epochs - warmup) * evaluation[1]
+    return {"with_evaluation": warm + agree, "without_evaluation": no_eval}
+
+
+class RunProfile(keras.callbacks.Callback):
+    """Where a `fit`'s wall time goes, from callback timestamps.
+
+    `GAL.fit` puts its driver first, so this callback's `on_epoch_begin` comes
+    after the pseudo-label refresh: the gap between two epochs is the refresh
+    (plus the phase switch and Keras' metric reset). `steps` is the sum of the
+    `train_function` calls, `loop` the rest of the training loop (callbacks,
+    Python), `evaluation` the per-epoch validation.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.created = time.perf_counter()
+        self.epochs = []
+
+    def on_train_begin(self, logs=None):
+        self.train_begin = self.last = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        now = time.perf_counter()
+        self.epoch = {"between_epochs": now - self.last, "begin": now, "steps": []}
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.batch_begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.epoch["steps"].append(time.perf_counter() - self.batch_begin)
+
+    def on_test_begin(self, logs=None):
+        self.test_begin = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self.epoch["evaluation"] = time.perf_counter() - self.test_begin
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last = time.perf_counter()
+        e = self.epoch
+        e["loop"] = self.last - e.pop("begin") - sum(e["steps"]) - e["evaluation"]
+        self.epochs.append(e)
+
+    def on_train_end(self, logs=None):
+        self.train_end = time.perf_counter()
+
+    def summary(self):
+        """Seconds: the whole `fit` (`wall`) and its parts, summed over epochs."""
+        wall = time.perf_counter() - self.created
+        steps = [e["steps"] for e in self.epochs]
+        parts = {
+            "before_training": self.train_begin - self.created,
+            "between_epochs": sum(e["between_epochs"] for e in self.epochs),
+            "steps": float(sum(sum(s) for s in steps)),
+            "first_step_of_each_epoch": float(sum(s[0] for s in steps)),
+            "step_median_per_epoch": [float(np.median(s)) for s in steps],
+            "loop": sum(e["loop"] for e in self.epochs),
+            "evaluation": sum(e["evaluation"] for e in self.epochs),
+            "evaluation_per_epoch": [e["evaluation"] for e in self.epochs],
+            "between_epochs_per_epoch": [e["between_epochs"] for e in self.epochs],
+            "after_training": wall - (self.train_end - self.created),
+        }
+        return {"wall": wall, "parts": parts}
+
+
+def part_run(settings, benches, step_result, refresh_result):
+    bench = benches["small_cnn"]
+    backbone = bench.backbone
+    bs, epochs, warmup = (
+        settings.batch_size,
+        settings.run_epochs,
+        settings.run_warmup_epochs,
+    )
+    shape = backbone.image_shape
+    aug = augment.make_augment("crop_flip", shape)
+    steps = bench.steps_per_epoch
+
+    def gal_run(**options):
+        gal = build_gal(backbone, **options)
+        training_set = TrainingSet(
+            bench.images,
+            bench.labels,
+            batch_size=bs,
+            augment=aug,
+            clean_labels=bench.clean,
+            num_classes=NUM_CLASSES,
+        )
+        profile = RunProfile()
+        gal.fit(
+            training_set,
+            epochs=epochs,
+            validation_data=bench.validation,
+            callbacks=[profile],
+            verbose=0,
+        )
+        return profile.summary()
+
+    def keras_run():
+        net = build_keras_ce(backbone)
+        data = tf.data.Dataset.from_tensor_slices((bench.images, bench.labels))
+        data = data.shuffle(len(bench.labels), seed=0).batch(bs, drop_remainder=True)
+        data = data.enumerate().map(
+            lambda step, xy: (
+                aug(tf.cast(xy[0], tf.float32), tf.stack([0, step])),
+                xy[1],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        data = data.prefetch(tf.data.AUTOTUNE)
+        profile = RunProfile()
+        net.fit(
+            data,
+            epochs=epochs,
+            validation_data=bench.validation,
+            callbacks=[profile],
+            shuffle=False,
+            verbose=0,
+        )
+        return profile.summary()
+
+    runs = {
+        "gal": lambda: gal_run(warmup_epochs=warmup),
+        "ce_gal": lambda: gal_run(warmup_epochs=epochs, train_student=False),
+        "ce_keras": keras_run,
+    }
+    floor_parts = {
+        "step_ce": bench.stepper("ce"),
+        "step_gal": bench.stepper("gal"),
+        "refresh_warmup": bench.refresh("ce"),
+        "refresh_split": bench.refresh("gal"),
+        "eval_warmup": bench.evaluate("ce"),
+        "eval_split": bench.evaluate("gal"),
+    }
+    for fn in floor_parts.values():
+        fn()
+    walls = {name: [] for name in runs}
+    profiles = {name: [] for name in runs}
+    same_round = []
+    names = list(runs)
+    for r in range(settings.run_rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            profiles[name].append(runs[name]())
+            walls[name].append(profiles[name][-1]["wall"])
+        parts = side_by_side(
+            {
+                k: (fn, steps if k.startswith("step") else 1)
+                for k, fn in floor_parts.items()
+            },
+            rounds=1,
+            warmup=1,
+        )
+        p = {k: median(t) for k, t in parts.items()}
+        same_round.append(
+            {
+                "parts": p,
+                "gal": floor_seconds(
+                    p["step_ce"],
+                    p["step_gal"],
+                    (p["refresh_warmup"], p["refresh_split"]),
+                    (p["eval_warmup"], p["eval_split"]),
+                    steps,
+                    epochs,
+                    warmup,
+                ),
+                "ce_gal": floor_seconds(
+                    p["step_ce"],
+                    p["step_ce"],
+                    (p["refresh_warmup"],) * 2,
+                    (p["eval_warmup"],) * 2,
+                    steps,
+                    epochs,
+                    epochs,
+                ),
+            }
+        )
+    wall = {name: float(np.median(w)) for name, w in walls.items()}
+    result = {
+        "backbone": dataclasses.asdict(backbone),
+        "num_images": bench.training_set.num_examples,
+        "validation_images": bench.training_set.num_examples // 4,
+        "batch_size": bs,
+        "epochs": epochs,
+        "warmup_epochs": warmup,
+        "augment": "crop_flip",
+        "wall_seconds": wall,
+        "wall_rounds": walls,
+        "profiles": profiles,
+        "floor_same_round": same_round,
+        "train_function_trace_seconds": {
+            k: bench.trace_seconds[k] for k in ("ce", "gal")
+        },
+    }
+    ratios = {
+        "gal_over_ce_gal": wall["gal"] / wall["ce_gal"],
+        "gal_over_ce_keras": wall["gal"] / wall["ce_keras"],
+        "paper_gal_over_ce": PAPER_GAL_OVER_CE,
+        "gal_wall_over_floor_same_round": float(
+            np.median(
+                [
+                    w / f["gal"]["with_evaluation"]
+                    for w, f in zip(walls["gal"], same_round)
+                ]
+            )
+        ),
+        "ce_gal_wall_over_floor_same_round": float(
+            np.median(
+                [
+                    w / f["ce_gal"]["with_evaluation"]
+                    for w, f in zip(walls["ce_gal"], same_round)
+                ]
+            )
+        ),
+    }
+    floor = None
+    if step_result and refresh_result:
+        s = step_result["backbones"]["small_cnn"]["seconds"]
+        f = refresh_result["backbones"]["small_cnn"]["seconds"]
+        floor = {
+            "gal": floor_seconds(
+                s["ce"],
+                s["gal"],
+                (f["refresh_warmup"], f["refresh_split"]),
+                (f["eval_warmup"], f["eval_split"]),
+                steps,
+                epochs,
+                warmup,
+            ),
+            "ce_gal": floor_seconds(
+                s["ce"],
+                s["ce"],
+                (f["refresh_warmup"],) * 2,
+                (f["eval_warmup"],) * 2,
+                steps,
+                epochs,
+                epochs,
+            ),
+        }
+        ratios["gal_wall_over_floor"] = wall["gal"] / floor["gal"]["with_evaluation"]
+        ratios["ce_gal_wall_over_floor"] = (
+            wall["ce_gal"] / floor["ce_gal"]["with_evaluation"]
+        )
+    result["floor_from_parts_1_3"] = floor
+    result["ratios"] = ratios
+
+    def floor_cell(name):
+        if floor is None:
+            return "–"
+        return fmt_s(floor[name]["with_evaluation"])
+
+    same = {
+        name: float(np.median([f[name]["with_evaluation"] for f in same_round]))
+        for name in ("gal", "ce_gal")
+    }
+    rows = [
+        [
+            f"GAL (W = {warmup})",
+            fmt_s(wall["gal"]),
+            floor_cell("gal"),
+            f"{ratios.get('gal_wall_over_floor', float('nan')):.2f} (≤ 1.10)",
+            fmt_s(same["gal"]),
+            f"{ratios['gal_wall_over_floor_same_round']:.2f} (≤ 1.10)",
+        ],
+        [
+            "CE, galkeras (`GAL`, W = E, no θC)",
+            fmt_s(wall["ce_gal"]),
+            floor_cell("ce_gal"),
+            f"{ratios.get('ce_gal_wall_over_floor', float('nan')):.2f}",
+            fmt_s(same["ce_gal"]),
+            f"{ratios['ce_gal_wall_over_floor_same_round']:.2f}",
+        ],
+        ["CE, plain Keras", fmt_s(wall["ce_keras"]), "–", "–", "–", "–"],
+    ]
+    table = markdown(
+        [
+            "run",
+            "wall",
+            "floor (parts 1-3)",
+            "wall / floor",
+            "floor (same round)",
+            "wall / same-round floor",
+        ],
+        rows,
+    )
+    profile_keys = (
+        "before_training",
+        "first_step_of_each_epoch",
+        "steps",
+        "loop",
+        "between_epochs",
+        "evaluation",
+        "after_training",
+    )
+    profile_rows = []
+    for name, label in (
+        ("gal", "GAL"),
+        ("ce_gal", "CE, galkeras"),
+        ("ce_keras", "CE, Keras"),
+    ):
+        cells = [
+            float(np.median([prof["parts"][k] for prof in profiles[name]]))
+            for k in profile_keys
+        ]
+        # `steps` includes the first step of each epoch; show the rest apart.
+        cells[2] -= cells[1]
+        profile_rows.append([label, fmt_s(wall[name]), *(fmt_s(c) for c in cells)])
+    table += "\n\nWhere the wall time goes (medians over rounds):\n\n" + markdown(
+        [
+            "run",
+            "wall",
+            "set-up",
+            "first step of each epoch",
+            "other steps",
+            "training loop",
+            "between epochs (refresh)",
+            "evaluation",
+            "return",
+        ],
+        profile_rows,
+    )
+    table += (
+        f"\n\nGAL / CE (galkeras) = {ratios['gal_over_ce_gal']:.2f}, "
+        f"GAL / CE (Keras) = {ratios['gal_over_ce_keras']:.2f}; "
+        f"paper (Table 6, V100) = {PAPER_GAL_OVER_CE}."
+    )
+    return result, table
+
+
+# -------------------------------------------------------------- part 5
+def rss_bytes(field):
+    """`VmRSS` (now) or `VmHWM` (peak) of this process, from /proc/self/status.
+
+    Not `getrusage`: its `ru_maxrss` carries the parent's peak over the exec.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}.")
+
+
+def reset_peak_rss():
+    """Sets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_probe(config):
+    """Runs in a fresh process: one contender's peak memory.
+
+    The window starts once the data and the batch stream exist and before any
+    model is built; it covers building, the first (tracing) step and
+    `config["steps"]` more steps.
+    """
+    backbone = Backbone(
+        **{
+            **config["backbone"],
+            "image_shape": tuple(config["backbone"]["image_shape"]),
+        }
+    )
+    bench = Bench(backbone, config["batch_size"], config["num_images"])
+    cpu = "CPU:0"
+    tf.config.experimental.reset_memory_stats(cpu)
+    base_alloc = tf.config.experimental.get_memory_info(cpu)["current"]
+    reset_peak_rss()
+    base_rss = rss_bytes("VmRSS")
+    step = bench.stepper(config["contender"])  # builds, prepares and traces
+    build_peak = tf.config.experimental.get_memory_info(cpu)["peak"]
+    tf.config.experimental.reset_memory_stats(cpu)
+    for _ in range(config["steps"]):
+        step()
+    info = tf.config.experimental.get_memory_info(cpu)
+    model = bench.model(config["contender"])
+    result = {
+        "allocator_peak_bytes": info["peak"] - base_alloc,
+        "allocator_peak_with_build_bytes": max(info["peak"], build_peak) - base_alloc,
+        "allocator_after_bytes": info["current"] - base_alloc,
+        "rss_peak_bytes": rss_bytes("VmHWM") - base_rss,
+        "weights_bytes": int(
+            sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.weights)
+        ),
+    }
+    print("MEMORY_PROBE " + json.dumps(result), flush=True)
+
+
+def run_memory_probe(config):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--memory_probe={json.dumps(config)}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        check=False,
+    )
+    prefix = "MEMORY_PROBE "
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(prefix)]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe {config} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1][len(prefix) :])
+
+
+def part_memory(settings):
+    result = {
+        "method": (
+            "one fresh subprocess per contender. allocator_peak: TensorFlow's CPU "
+            "allocator (tf.config.experimental.get_memory_info('CPU:0')), peak "
+            f"over {settings.memory_steps} train steps after the first (tracing) "
+            "one, minus the bytes in use before any model was built (weights, "
+            "optimizer slots and the pseudo-label table included). rss_peak: the "
+            "process's peak RSS (VmHWM, reset through /proc/self/clear_refs) from "
+            "before the models were built to the end (building, tracing, XLA "
+            "compilation and steps), minus the RSS at that point"
+        ),
+        "backbones": {},
+    }
+    configs = [
+        {
+            "backbone": dataclasses.asdict(backbone),
+            "batch_size": settings.batch_size,
+            "num_images": settings.images[backbone.kind],
+            "contender": contender,
+            "steps": settings.memory_steps,
+        }
+        for backbone in settings.memory_backbones
+        for contender in settings.memory_contenders
+    ]
+    # Two probes at a time: each measures only its own process.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        probes = list(pool.map(run_memory_probe, configs))
+    rows = []
+    for backbone in settings.memory_backbones:
+        entry = {
+            config["contender"]: probe
+            for config, probe in zip(configs, probes)
+            if config["backbone"]["kind"] == backbone.kind
+        }
+        ratios = {}
+        for name in ("twins", "gal", "ce"):
+            if name in entry and "ce_keras" in entry and name != "ce_keras":
+                for key in ("allocator_peak_bytes", "rss_peak_bytes"):
+                    ratios[f"{name}_over_ce_keras_{key[:-6]}"] = safe_ratio(
+                        entry[name][key], entry["ce_keras"][key]
+                    )
+        result["backbones"][backbone.kind] = {"contenders": entry, "ratios": ratios}
+        base = entry["ce_keras"]
+        for contender, m in entry.items():
+            rows.append(
+                [
+                    backbone.label,
+                    contender,
+                    f"{m['weights_bytes'] / 2**20:,.1f}",
+                    f"{m['allocator_peak_bytes'] / 2**20:,.1f}",
+                    fmt_ratio(
+                        safe_ratio(
+                            m["allocator_peak_bytes"], base["allocator_peak_bytes"]
+                        )
+                    ),
+                    f"{m['rss_peak_bytes'] / 2**20:,.1f}",
+                    fmt_ratio(safe_ratio(m["rss_peak_bytes"], base["rss_peak_bytes"])),
+                ]
+            )
+    table = markdown(
+        [
+            "backbone",
+            "contender",
+            "weights, MiB",
+            "allocator peak, MiB",
+            "/ CE (Keras)",
+            "peak RSS delta, MiB",
+            "/ CE (Keras)",
+        ],
+        rows,
+    )
+    return result, table
+
+
+# ---------------------------------------------------------------- main
+def environment():
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args],
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "commit": git("rev-parse", "HEAD"),
+        "galkeras_uncommitted_changes": git("status", "--porcelain", "--", "galkeras"),
+        "load_average_at_start": os.getloadavg(),
+        "tiny": FLAGS.tiny,
+    }
+
+
+def summarise(results):
+    """Every target beside its measured value."""
+    rows, targets = [], []
+
+    def add(name, measured, key, shown_target=None, note=""):
+        limit = TARGETS.get(key)
+        met = None if limit is None else bool(measured <= limit)
+        shown_target = shown_target or f"≤ {limit:g}"
+        targets.append(
+            {
+                "name": name,
+                "measured": measured,
+                "target": shown_target,
+                "met": met,
+                "note": note,
+            }
+        )
+        verdict = {True: "yes", False: "no", None: "–"}[met]
+        rows.append([name, f"{measured:.3g}", shown_target, verdict, note])
+
+    for kind, entry in results.get("step", {}).get("backbones", {}).items():
+        r = entry["ratios"]
+        add(
+            f"twins / CE step, {kind}",
+            r["twins_over_ce"]["ratio"],
+            "twins_over_ce",
+            "≤ 2.05 (floor 2.0)",
+        )
+        add(f"full GAL / CE step, {kind}", r["gal_over_ce"]["ratio"], "gal_over_ce")
+        add(
+            f"agreement + gating / twins step, {kind}",
+            r["agreement_gating_over_twins"]["ratio"],
+            "agreement_gating_over_twins",
+        )
+    if "scaling" in results:
+        fit = results["scaling"]["fit"]
+        add(
+            "agreement cost: slope of log time on log parameters",
+            fit.get("agreement_slope_resnets", fit["agreement_slope_all"]),
+            "agreement_scaling_slope",
+            "≤ 1 (linear)",
+        )
+    for kind, entry in results.get("refresh", {}).get("backbones", {}).items():
+        add(
+            f"refresh per network / CE epoch, {kind}",
+            entry["ratios"]["refresh_per_network_over_ce_epoch"]["ratio"],
+            "refresh_per_network_over_ce_epoch",
+        )
+    if "run" in results:
+        r = results["run"]["ratios"]
+        if "gal_wall_over_floor" in r:
+            add(
+                "GAL whole run: wall / floor (parts 1-3)",
+                r["gal_wall_over_floor"],
+                "wall_over_floor",
+            )
+        add(
+            "GAL whole run: wall / same-round floor",
+            r["gal_wall_over_floor_same_round"],
+            "wall_over_floor",
+        )
+        add(
+            "GAL / CE whole run (CE as galkeras runs it)",
+            r["gal_over_ce_gal"],
+            None,
+            f"paper: {PAPER_GAL_OVER_CE}",
+            "information",
+        )
+        add(
+            "GAL / CE whole run (CE in plain Keras)",
+            r["gal_over_ce_keras"],
+            None,
+            f"paper: {PAPER_GAL_OVER_CE}",
+            "information",
+        )
+    table = markdown(["figure", "measured", "target", "met", "note"], rows)
+    return targets, table
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=float)
+
+
+def main(argv):
+    del argv
+    # Every contender has its own train function: TF's retracing warning is noise.
+    tf.get_logger().setLevel("ERROR")
+    if FLAGS.memory_probe:
+        memory_probe(json.loads(FLAGS.memory_probe))
+        return
+    settings = settings_from_flags()
+    env = environment()
+    if FLAGS.out:
+        os.makedirs(FLAGS.out, exist_ok=True)
+    benches = {}
+    if {"step", "refresh", "run"} & set(FLAGS.parts):
+        for backbone in settings.step_backbones:
+            if backbone.kind == "small_cnn" or {"step", "refresh"} & set(FLAGS.parts):
+                benches[backbone.kind] = Bench(
+                    backbone, settings.batch_size, settings.images[backbone.kind]
+                )
+    common = {"settings": dataclasses.asdict(settings), "environment": env}
+    parts = {
+        "step": ("step_time", "1. Step time", lambda: part_step(settings, benches)),
+        "scaling": (
+            "agreement_scaling",
+            "2. Agreement-and-gating cost against parameter count",
+            lambda: part_scaling(settings),
+        ),
+        "refresh": (
+            "refresh",
+            "3. Refresh cost",
+            lambda: part_refresh(settings, benches),
+        ),
+        "run": (
+            "whole_run",
+            "4. Whole-run wall time",
+            lambda: part_run(
+                settings, benches, results.get("step"), results.get("refresh")
+            ),
+        ),
+        "memory": ("memory", "5. Peak memory", lambda: part_memory(settings)),
+    }
+    results, tables = {}, []
+    for key in PARTS:
+        if key not in FLAGS.parts:
+            continue
+        filename, title, run = parts[key]
+        start = time.perf_counter()
+        result, table = run()
+        result["part_seconds"] = time.perf_counter() - start
+        results[key] = result
+        tables.append(f"## {title}\n\n{table}\n")
+        print(f"({key}: {result['part_seconds']:.0f} s)")
+        print(tables[-1], flush=True)
+        if FLAGS.out:
+            write_json(
+                os.path.join(FLAGS.out, f"{filename}.json"), {**common, **result}
+            )
+    targets, table = summarise(results)
+    tables.append(f"## Targets\n\n{table}\n")
+    print(tables[-1], flush=True)
+    env["load_average_at_end"] = os.getloadavg()
+    if FLAGS.out:
+        write_json(
+            os.path.join(FLAGS.out, "summary.json"),
+            {**common, "targets": targets, "parts": sorted(results)},
+        )
+        with open(os.path.join(FLAGS.out, "tables.md"), "w") as f:
+            f.write("\n".join(tables))
+
+
+if __name__ == "__main__":
+    app.run(main)
