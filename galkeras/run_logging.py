@@ -21,16 +21,10 @@ import os
 import keras
 import tensorflow as tf
 
-from galkeras.model import AGREEMENT
+from galkeras.model import AGREEMENT, LAST_STEP_KEYS
 
-STEP_COLUMNS = (
-    "twin_a_loss",
-    "twin_b_loss",
-    "student_loss",
-    "agreement_ratio",
-    "agreement_param_ratio",
-    "updated_ratio",
-)
+# The scalar values of `GAL.last_step` (the per-variable vector goes to a histogram).
+STEP_COLUMNS = tuple(k for k in LAST_STEP_KEYS if k != "agreement_per_variable")
 
 
 class RunLogger(keras.callbacks.Callback):
