@@ -17,6 +17,8 @@ machine and on whatever else runs on it.
      the same SGD), for reference;
    - `ce`: `GAL` in phase "warmup" with `train_student=False` (θA's CE step, the
      `_warmup_step` path: how galkeras trains its CE baseline);
+   - `gal_warmup`: GAL's own warm-up step, phase "warmup" with θC (θA's CE step
+     plus θC's step: galkeras trains θC from the first epoch, GAL_SPEC.md);
    - `twins`: phase "agreement", `train_student=False` (both twins, Eq. 4-5
      cosine, gates, `skip` update);
    - `twins_all`: the same with `update_rule="all"` (the cosine and its logging
@@ -47,10 +49,13 @@ machine and on whatever else runs on it.
    crop+flip augmentation, per-epoch validation, E = 10, W = 4): GAL, CE as
    galkeras runs it (`GAL`, W = E, `train_student=False`) and CE in plain Keras.
    The floor is the sum of the measured parts for that schedule:
-   W·(epoch_CE + refresh_θA + eval_warmup) + (E−W)·(epoch_GAL + refresh_θAθB +
+   W·(epoch_warm + refresh_θA + eval_warmup) + (E−W)·(epoch_GAL + refresh_θAθB +
    eval_split), the epochs from part 1's medians (⌈N/128⌉ steps each), the
-   refreshes and evaluations from part 3. It is also measured again in every
-   round, right after that round's runs (`floor_same_round`).
+   refreshes and evaluations from part 3. A warm-up epoch of GAL trains θA and
+   θC (`gal_warmup` steps); the floor with CE warm-up epochs (`ce` steps) is
+   kept beside it as `gal_ce_warmup`. The floor is also measured again in every
+   round, right after that round's runs (`floor_same_round`). Callback
+   timestamps split each run's wall time into its parts (`profiles`).
 5. `memory` (memory.json): peak memory of one contender per fresh subprocess
    (`ce_keras`, `ce`, `twins`, `gal`): TensorFlow's CPU allocator
    (`tf.config.experimental.get_memory_info("CPU:0")`, peak over a few steps
@@ -103,10 +108,19 @@ NUM_CLASSES = 10
 MEAN, STD = (127.5,) * 3, (64.0,) * 3
 TAU = 0.4
 NOISE_RATE = 0.4
-STEP_CONTENDERS = ("ce_keras", "ce", "twins", "twins_all", "twins_zero_grad", "gal")
+STEP_CONTENDERS = (
+    "ce_keras",
+    "ce",
+    "gal_warmup",
+    "twins",
+    "twins_all",
+    "twins_zero_grad",
+    "gal",
+)
 # GAL options of each GAL contender (`ce_keras` is a plain keras.Model).
 GAL_OPTIONS = {
     "ce": dict(warmup_epochs=1, train_student=False),
+    "gal_warmup": dict(warmup_epochs=1, train_student=True),
     "twins": dict(warmup_epochs=0, train_student=False),
     "twins_all": dict(warmup_epochs=0, train_student=False, update_rule="all"),
     "twins_zero_grad": dict(
@@ -494,6 +508,7 @@ def part_step(settings, benches):
         ratios = {
             "twins_over_ce": ratio(times, "twins", "ce"),
             "gal_over_ce": ratio(times, "gal", "ce"),
+            "gal_warmup_over_ce": ratio(times, "gal_warmup", "ce"),
             "ce_over_ce_keras": ratio(times, "ce", "ce_keras"),
             "twins_all_over_ce": ratio(times, "twins_all", "ce"),
             "agreement_gating_over_twins": {
@@ -537,6 +552,7 @@ def part_step(settings, benches):
                 backbone.label,
                 fmt_ms(seconds["ce_keras"]),
                 fmt_ms(seconds["ce"]),
+                fmt_ms(seconds["gal_warmup"]),
                 fmt_ms(seconds["twins"]),
                 fmt_ms(seconds["gal"]),
                 f"{ratios['twins_over_ce']['ratio']:.2f} (≤ 2.05)",
@@ -550,7 +566,8 @@ def part_step(settings, benches):
         [
             "backbone",
             "CE (Keras)",
-            "CE (GAL warm-up)",
+            "CE (θA, GAL warm-up path)",
+            "GAL warm-up (θA + θC)",
             "twins",
             "full GAL",
             "twins / CE",
@@ -736,9 +753,9 @@ def part_refresh(settings, benches):
 
 
 # -------------------------------------------------------------- part 4
-def floor_seconds(step_ce, step_gal, refresh, evaluation, steps, epochs, warmup):
+def floor_seconds(step_warm, step_gal, refresh, evaluation, steps, epochs, warmup):
     """The schedule's floor; `refresh`, `evaluation`: (warm-up, after split)."""
-    warm = warmup * (steps * step_ce + refresh[0] + evaluation[0])
+    warm = warmup * (steps * step_warm + refresh[0] + evaluation[0])
     agree = (epochs - warmup) * (steps * step_gal + refresh[1] + evaluation[1])
     no_eval = warm + agree - warmup * evaluation[0] - (epochs - warmup) * evaluation[1]
     return {"with_evaluation": warm + agree, "without_evaluation": no_eval}
@@ -751,7 +768,9 @@ class RunProfile(keras.callbacks.Callback):
     after the pseudo-label refresh: the gap between two epochs is the refresh
     (plus the phase switch and Keras' metric reset). `steps` is the sum of the
     `train_function` calls, `loop` the rest of the training loop (callbacks,
-    Python), `evaluation` the per-epoch validation.
+    Python), `evaluation` the per-epoch validation, and `teardown` the time from
+    `on_train_end` until `fit` returns (Keras' locals freed, among them the
+    training data iterator).
     """
 
     def __init__(self):
@@ -801,7 +820,7 @@ class RunProfile(keras.callbacks.Callback):
             "evaluation": sum(e["evaluation"] for e in self.epochs),
             "evaluation_per_epoch": [e["evaluation"] for e in self.epochs],
             "between_epochs_per_epoch": [e["between_epochs"] for e in self.epochs],
-            "after_training": wall - (self.train_end - self.created),
+            "teardown": wall - (self.train_end - self.created),
         }
         return {"wall": wall, "parts": parts}
 
@@ -868,6 +887,7 @@ def part_run(settings, benches, step_result, refresh_result):
     }
     floor_parts = {
         "step_ce": bench.stepper("ce"),
+        "step_gal_warmup": bench.stepper("gal_warmup"),
         "step_gal": bench.stepper("gal"),
         "refresh_warmup": bench.refresh("ce"),
         "refresh_split": bench.refresh("gal"),
@@ -897,7 +917,7 @@ def part_run(settings, benches, step_result, refresh_result):
             {
                 "parts": p,
                 "gal": floor_seconds(
-                    p["step_ce"],
+                    p["step_gal_warmup"],
                     p["step_gal"],
                     (p["refresh_warmup"], p["refresh_split"]),
                     (p["eval_warmup"], p["eval_split"]),
@@ -930,7 +950,7 @@ def part_run(settings, benches, step_result, refresh_result):
         "profiles": profiles,
         "floor_same_round": same_round,
         "train_function_trace_seconds": {
-            k: bench.trace_seconds[k] for k in ("ce", "gal")
+            k: bench.trace_seconds[k] for k in ("ce", "gal_warmup", "gal")
         },
     }
     ratios = {
@@ -958,15 +978,14 @@ def part_run(settings, benches, step_result, refresh_result):
     if step_result and refresh_result:
         s = step_result["backbones"]["small_cnn"]["seconds"]
         f = refresh_result["backbones"]["small_cnn"]["seconds"]
+        refresh = (f["refresh_warmup"], f["refresh_split"])
+        evaluation = (f["eval_warmup"], f["eval_split"])
         floor = {
             "gal": floor_seconds(
-                s["ce"],
-                s["gal"],
-                (f["refresh_warmup"], f["refresh_split"]),
-                (f["eval_warmup"], f["eval_split"]),
-                steps,
-                epochs,
-                warmup,
+                s["gal_warmup"], s["gal"], refresh, evaluation, steps, epochs, warmup
+            ),
+            "gal_ce_warmup": floor_seconds(
+                s["ce"], s["gal"], refresh, evaluation, steps, epochs, warmup
             ),
             "ce_gal": floor_seconds(
                 s["ce"],
@@ -978,7 +997,19 @@ def part_run(settings, benches, step_result, refresh_result):
                 epochs,
             ),
         }
-        ratios["gal_wall_over_floor"] = wall["gal"] / floor["gal"]["with_evaluation"]
+        gal_floor = floor["gal"]["with_evaluation"]
+        ratios["gal_wall_over_floor"] = wall["gal"] / gal_floor
+        ratios["gal_wall_over_floor_ce_warmup"] = (
+            wall["gal"] / floor["gal_ce_warmup"]["with_evaluation"]
+        )
+        ratios["gal_wall_without_teardown_over_floor"] = float(
+            np.median(
+                [
+                    (p["wall"] - p["parts"]["teardown"]) / gal_floor
+                    for p in profiles["gal"]
+                ]
+            )
+        )
         ratios["ce_gal_wall_over_floor"] = (
             wall["ce_gal"] / floor["ce_gal"]["with_evaluation"]
         )
@@ -1031,7 +1062,7 @@ def part_run(settings, benches, step_result, refresh_result):
         "loop",
         "between_epochs",
         "evaluation",
-        "after_training",
+        "teardown",
     )
     profile_rows = []
     for name, label in (
@@ -1056,10 +1087,18 @@ def part_run(settings, benches, step_result, refresh_result):
             "training loop",
             "between epochs (refresh)",
             "evaluation",
-            "return",
+            "teardown",
         ],
         profile_rows,
     )
+    if floor is not None:
+        table += (
+            "\n\nGAL without the teardown: wall / floor = "
+            f"{ratios['gal_wall_without_teardown_over_floor']:.2f}. With CE "
+            "warm-up epochs (θC not trained in warm-up) the floor would be "
+            f"{fmt_s(floor['gal_ce_warmup']['with_evaluation'])} (wall / floor "
+            f"{ratios['gal_wall_over_floor_ce_warmup']:.2f})."
+        )
     table += (
         f"\n\nGAL / CE (galkeras) = {ratios['gal_over_ce_gal']:.2f}, "
         f"GAL / CE (Keras) = {ratios['gal_over_ce_keras']:.2f}; "

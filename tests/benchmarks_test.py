@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_TIMED = {
     "ce_keras",
     "ce",
+    "gal_warmup",
     "twins",
     "twins_all",
     "twins_zero_grad",
@@ -77,12 +78,16 @@ def test_tiny_performance_benchmark_writes_every_part(tmp_path):
 
     run = read("whole_run.json")
     assert {"gal", "ce_gal", "ce_keras"} <= set(run["wall_seconds"])
-    assert {"gal", "ce_gal"} <= set(run["floor_from_parts_1_3"])
+    assert {"gal", "gal_ce_warmup", "ce_gal"} <= set(run["floor_from_parts_1_3"])
+    assert {"steps", "between_epochs", "evaluation", "teardown"} <= set(
+        run["profiles"]["gal"][0]["parts"]
+    )
     assert {
         "gal_over_ce_gal",
         "gal_over_ce_keras",
         "gal_wall_over_floor",
         "gal_wall_over_floor_same_round",
+        "gal_wall_without_teardown_over_floor",
     } <= set(run["ratios"])
 
     memory = read("memory.json")["backbones"]["small_cnn"]["contenders"]
