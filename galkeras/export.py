@@ -32,11 +32,17 @@ def check_export_base(base_path):
         probe_dir = parent
     if not os.path.isdir(probe_dir):
         raise ValueError(f"--export_dir {base_path}: {probe_dir} is not a directory.")
-    if not os.access(probe_dir, os.W_OK):
+    # A real write: `os.access` says yes to root even on a read-only mount.
+    probe = os.path.join(probe_dir, f".galkeras-probe-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as error:
         raise ValueError(
-            f"--export_dir {base_path}: {probe_dir} is not writable; choose a "
-            "writable --export_dir."
-        )
+            f"--export_dir {base_path}: {probe_dir} is not writable "
+            f"({error.strerror or error}); choose a writable --export_dir."
+        ) from error
 
 
 def export_classifier(model, base_path, class_names=None):

@@ -14,7 +14,10 @@ from galkeras.distill import pseudo_label_loss
 from galkeras.training_set import TrainingSet
 
 MASKED_UPDATES = ("skip", "zero_grad")
+ON_NONFINITE = ("stop", "skip_step")
 WARMUP, AGREEMENT = "warmup", "agreement"
+# Bits of `GAL.nonfinite_networks`, in this order.
+NETWORK_NAMES = ("twin_a", "twin_b", "student")
 
 # What `GAL.last_step` holds after every train step.
 LAST_STEP_KEYS = (
@@ -57,6 +60,28 @@ def optimizer_slots(optimizer, variables):
     return slots
 
 
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient (`on_nonfinite="stop"`).
+
+    Attributes:
+        epoch: 1-based epoch of the step.
+        step: 1-based step within that epoch.
+        global_step: 1-based step of the run.
+        networks: names of the networks at fault (`NETWORK_NAMES`).
+    """
+
+    def __init__(self, epoch, step, steps_per_epoch, global_step, networks):
+        self.epoch, self.step, self.global_step = epoch, step, global_step
+        self.networks = networks
+        super().__init__(
+            f"Non-finite loss or gradient in {' and '.join(networks)} at epoch "
+            f"{epoch}, step {step} of {steps_per_epoch} (step {global_step} of the "
+            "run). Training stopped after that step. Usual causes: a learning rate "
+            "too high, or inputs with inf/NaN. To skip such steps instead, use "
+            "on_nonfinite='skip_step' (--on_nonfinite=skip_step)."
+        )
+
+
 def _clone_optimizer(optimizer):
     return optimizer.__class__.from_config(optimizer.get_config())
 
@@ -97,6 +122,13 @@ class GAL(keras.Model):
         train_student: bool; `False` trains the twins alone (a CE baseline when
             `warmup_epochs` equals the number of epochs).
         seed: int, seed of the `random` rule's draws.
+        on_nonfinite: what a step with a non-finite loss or gradient (NaN or
+            inf; under float16 a non-finite *loss*, since gradient overflow is
+            the loss scale's business) does. `"stop"` (default): `fit` raises
+            `NonFiniteError` naming the epoch, the step and the network right
+            after that step. `"skip_step"`: the step is not applied to any of
+            the three networks (weights and optimizer slots bit-identical) and is
+            counted in `nonfinite_steps`.
 
     Example:
     ```python
@@ -125,9 +157,14 @@ class GAL(keras.Model):
         masked_update="skip",
         train_student=True,
         seed=0,
+        on_nonfinite="stop",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}."
+            )
         if update_rule not in agreement.UPDATE_RULES:
             raise ValueError(
                 f"update_rule must be one of {agreement.UPDATE_RULES}; "
@@ -156,6 +193,7 @@ class GAL(keras.Model):
         self.masked_update = masked_update
         self.train_student = bool(train_student)
         self.seed = int(seed)
+        self.on_nonfinite = on_nonfinite
         # === State ===
         a_shapes = [tuple(v.shape) for v in twin_a.weights]
         if a_shapes != [tuple(v.shape) for v in twin_b.weights]:
@@ -174,7 +212,27 @@ class GAL(keras.Model):
         self.loss_scaling = twin_a.dtype_policy.compute_dtype == "float16"
         self.twins_loss_scale = DynamicLossScale(self, "twins")
         self.student_loss_scale = DynamicLossScale(self, "student")
+        # Steps with a non-finite loss or gradient, and a bit mask (NETWORK_NAMES)
+        # of the networks at fault in the latest one.
+        self.nonfinite_steps = self.add_weight(
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="nonfinite_steps",
+        )
+        self.nonfinite_networks = self.add_weight(
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="nonfinite_networks",
+        )
         self.phase = WARMUP
+        # Steps of the run done so far, kept by `fit` (a resumed run included).
+        self.global_step = 0
         self.pseudo_labels = None
         self.pseudo_label_stats = {}
         self._slots = None
@@ -356,13 +414,57 @@ class GAL(keras.Model):
 
     # ------------------------------------------------------------ train step
     def train_step(self, data):
+        # Every network's loss and gradients first, then the updates, so that a
+        # non-finite value anywhere can hold back the whole step (`skip_step`).
         if self.phase == WARMUP:
-            self._warmup_step(data)
+            faults, updates = self._warmup_step(data)
         else:
-            self._agreement_step(data)
+            faults, updates = self._agreement_step(data)
         if self.train_student:
-            self._student_step(data["image_a"], data["id_a"])
+            fault, update = self._student_step(data["image_a"], data["id_a"])
+            faults, updates = {**faults, **fault}, [*updates, update]
+        step_ok = self._record_nonfinite(faults)
+        for update in updates:
+            update(step_ok if self.on_nonfinite == "skip_step" else None)
         return self._logs(self._train_trackers)
+
+    def _fault_free(self, loss, grads):
+        """A scalar bool: `loss` is finite and, unless float16 loss scaling owns
+        gradient overflow, so is every gradient."""
+        ok = tf.reduce_all(tf.math.is_finite(loss))
+        return ok if self.loss_scaling else ok & all_finite(grads)
+
+    def _record_nonfinite(self, faults):
+        """Counts a step with a fault in any network (`faults`: network name →
+        local "fault-free" bool) and returns whether the step is fault-free on
+        every replica."""
+        names = [n for n in NETWORK_NAMES if n in faults]
+        ok = _all_replicas_finite(tf.stack([faults[n] for n in names]))
+        bits = tf.add_n(
+            [
+                tf.where(ok[i], 0, 1 << NETWORK_NAMES.index(name))
+                for i, name in enumerate(names)
+            ]
+        )
+        bad = bits > 0
+        self.nonfinite_steps.assign_add(tf.cast(bad, tf.int32))
+        self.nonfinite_networks.assign(tf.where(bad, bits, self.nonfinite_networks))
+        return tf.logical_not(bad)
+
+    def _apply(self, optimizer, grads, variables, slots, gates, step_ok):
+        """`optimizer.apply`, through the `skip` path when some gate may be
+        closed: `gates` (or None for all open) and-ed with `step_ok` (or None)."""
+        if step_ok is not None:
+            if gates is None:
+                gates = tf.ones([len(variables)], tf.bool)
+            gates = tf.logical_and(gates, step_ok)
+            # A skipped step may hold NaN: keep it out of the optimizer's
+            # arithmetic, whose result is discarded anyway.
+            grads = [tf.where(step_ok, g, tf.zeros_like(g)) for g in grads]
+        if gates is None:
+            optimizer.apply(grads, variables)
+        else:
+            self._skip_apply(optimizer, grads, variables, slots, gates)
 
     def _logs(self, trackers):
         """The trackers' results as the step's logs. Under multi-worker
@@ -389,23 +491,33 @@ class GAL(keras.Model):
         return loss / self.distribute_strategy.num_replicas_in_sync
 
     def _warmup_step(self, data):
-        """Phase 1: plain cross entropy on θA alone."""
+        """Phase 1: plain cross entropy on θA alone.
+
+        Returns `({"twin_a": fault-free}, [update])`, `update(step_ok)` applying
+        the step (see `train_step`)."""
         variables = self.twin_a.trainable_variables
         with tf.GradientTape() as tape:
             loss = self._cross_entropy(
                 self.twin_a, data["image_a"], data["label_a"], "twin_a"
             )
-            loss = self.twins_loss_scale.scale(loss)
-        grads = self.twins_loss_scale.unscale(tape.gradient(loss, variables))
-        if not self.loss_scaling:
-            self.optimizer.apply(grads, variables)
-            return
-        finite = _all_replicas_finite(all_finite(grads))
-        gates = tf.fill([len(variables)], self.twins_loss_scale.update(finite))
-        self._skip_apply(self.optimizer, grads, variables, self._slots[0], gates)
+            scaled = self.twins_loss_scale.scale(loss)
+        grads = self.twins_loss_scale.unscale(tape.gradient(scaled, variables))
+
+        def update(step_ok):
+            gates = None
+            if self.loss_scaling:
+                finite = _all_replicas_finite(all_finite(grads))
+                gates = tf.fill([len(variables)], self.twins_loss_scale.update(finite))
+            self._apply(
+                self.optimizer, grads, variables, self._slots[0], gates, step_ok
+            )
+
+        return {"twin_a": self._fault_free(loss, grads)}, [update]
 
     def _agreement_step(self, data):
-        """Phase 2: gradient agreement updating (§3.2, Eq. 4-5)."""
+        """Phase 2: gradient agreement updating (§3.2, Eq. 4-5).
+
+        Returns `({"twin_a": ok, "twin_b": ok}, [update])` (see `train_step`)."""
         vars_a = self.twin_a.trainable_variables
         vars_b = self.twin_b.trainable_variables
         scale = self.twins_loss_scale
@@ -413,14 +525,14 @@ class GAL(keras.Model):
             loss_a = self._cross_entropy(
                 self.twin_a, data["image_a"], data["label_a"], "twin_a"
             )
-            loss_a = scale.scale(loss_a)
+            scaled_a = scale.scale(loss_a)
         with tf.GradientTape() as tape_b:
             loss_b = self._cross_entropy(
                 self.twin_b, data["image_b"], data["label_b"], "twin_b"
             )
-            loss_b = scale.scale(loss_b)
-        grads_a = scale.unscale(tape_a.gradient(loss_a, vars_a))
-        grads_b = scale.unscale(tape_b.gradient(loss_b, vars_b))
+            scaled_b = scale.scale(loss_b)
+        grads_a = scale.unscale(tape_a.gradient(scaled_a, vars_a))
+        grads_b = scale.unscale(tape_b.gradient(scaled_b, vars_b))
         # Dense gradients (IndexedSlices from embeddings), and zeros for variables
         # the loss does not reach: such a pair gets cosine 0 and stays closed.
         grads_a = [_dense(g, v) for g, v in zip(grads_a, vars_a)]
@@ -463,27 +575,57 @@ class GAL(keras.Model):
             self.last_step[key].assign(value)
 
         slots_a, slots_b, _ = self._slots
-        if self.loss_scaling:
-            # float16: a step with a non-finite gradient in either twin is skipped
-            # for both, weights and slots bit-identical (the skip path), and the
-            # scale halves. `finite` is global: the gradients were all-reduced.
+        faults = {
+            "twin_a": self._fault_free(loss_a, global_a),
+            "twin_b": self._fault_free(loss_b, global_b),
+        }
+
+        def update(step_ok):
+            self._update_twins(
+                (grads_a, vars_a, slots_a), (grads_b, vars_b, slots_b), gates, step_ok
+            )
+
+        def update_float16(step_ok):
+            # float16: a step with a non-finite gradient in either twin is
+            # skipped for both, weights and slots bit-identical (the skip path),
+            # and the scale halves. `finite` is global: the gradients were
+            # all-reduced.
             finite = scale.update(all_finite(global_a) & all_finite(global_b))
+            if step_ok is not None:
+                finite = tf.logical_and(finite, step_ok)
+            ga, gb, g = grads_a, grads_b, gates
             if self.masked_update == "zero_grad" and self.update_rule != "all":
-                grads_a = [
-                    g * tf.cast(s, g.dtype) for g, s in zip(grads_a, tf.unstack(gates))
-                ]
-                grads_b = [
-                    g * tf.cast(s, g.dtype) for g, s in zip(grads_b, tf.unstack(gates))
-                ]
-                gates = tf.ones_like(gates)
+                ga = [x * tf.cast(s, x.dtype) for x, s in zip(ga, tf.unstack(g))]
+                gb = [x * tf.cast(s, x.dtype) for x, s in zip(gb, tf.unstack(g))]
+                g = tf.ones_like(g)
             elif self.update_rule == "all":
-                gates = tf.ones_like(gates)
-            gates = tf.logical_and(gates, finite)
-            self._skip_apply(self.optimizer, grads_a, vars_a, slots_a, gates)
-            self._skip_apply(self.optimizer_b, grads_b, vars_b, slots_b, gates)
-            return
-        self._gated_apply(self.optimizer, grads_a, vars_a, slots_a, gates)
-        self._gated_apply(self.optimizer_b, grads_b, vars_b, slots_b, gates)
+                g = tf.ones_like(g)
+            g = tf.logical_and(g, finite)
+            self._skip_apply(self.optimizer, ga, vars_a, slots_a, g)
+            self._skip_apply(self.optimizer_b, gb, vars_b, slots_b, g)
+
+        return faults, [update_float16 if self.loss_scaling else update]
+
+    def _update_twins(self, a, b, gates, step_ok):
+        """The twins' gated updates (float32 and bfloat16); `a`, `b`: each twin's
+        `(grads, variables, slots)`."""
+        for optimizer, (grads, variables, slots) in (
+            (self.optimizer, a),
+            (self.optimizer_b, b),
+        ):
+            if step_ok is None:
+                self._gated_apply(optimizer, grads, variables, slots, gates)
+                continue
+            # skip_step: the gates as usual, and-ed with the step's verdict.
+            if self.update_rule == "all":
+                self._apply(optimizer, grads, variables, slots, None, step_ok)
+            elif self.masked_update == "zero_grad":
+                grads = [
+                    g * tf.cast(s, g.dtype) for g, s in zip(grads, tf.unstack(gates))
+                ]
+                self._apply(optimizer, grads, variables, slots, None, step_ok)
+            else:
+                self._apply(optimizer, grads, variables, slots, gates, step_ok)
 
     def _gated_apply(self, optimizer, grads, variables, slots, gates):
         """Applies `grads` to the variables whose gate is open.
@@ -537,7 +679,9 @@ class GAL(keras.Model):
         )
 
     def _student_step(self, images, ids):
-        """θC's step on θA's batch: `L_c + L_d` against the pseudo-label table."""
+        """θC's step on θA's batch: `L_c + L_d` against the pseudo-label table.
+
+        Returns `({"student": fault-free}, update)` (see `train_step`)."""
         teacher = tf.gather(self.pseudo_labels, ids)
         variables = self.student.trainable_variables
         scale = self.student_loss_scale
@@ -546,16 +690,19 @@ class GAL(keras.Model):
             loss = keras.ops.mean(pseudo_label_loss(teacher, logits, self.epsilon))
             scaled = scale.scale(loss / self.distribute_strategy.num_replicas_in_sync)
         grads = scale.unscale(tape.gradient(scaled, variables))
-        if self.loss_scaling:
-            finite = _all_replicas_finite(all_finite(grads))
-            gates = tf.fill([len(variables)], scale.update(finite))
-            self._skip_apply(
-                self.student_optimizer, grads, variables, self._slots[2], gates
-            )
-        else:
-            self.student_optimizer.apply(grads, variables)
         self._train_trackers["loss"].update_state(loss)
         self.last_step["student_loss"].assign(loss)
+
+        def update(step_ok):
+            gates = None
+            if self.loss_scaling:
+                finite = _all_replicas_finite(all_finite(grads))
+                gates = tf.fill([len(variables)], scale.update(finite))
+            self._apply(
+                self.student_optimizer, grads, variables, self._slots[2], gates, step_ok
+            )
+
+        return {"student": self._fault_free(loss, grads)}, update
 
     # ------------------------------------------------------------- test step
     def _twin_probabilities(self, images):
@@ -643,6 +790,46 @@ class GAL(keras.Model):
                 for r in (ids, batch_probs)
             )
 
+    def ensure_pseudo_label_table(self, num_examples, num_classes):
+        """The `[N, K]` table of `p_joint` θC's steps read, made (zeros) if absent,
+        so that a checkpoint can be restored into it before the first refresh."""
+        shape = (int(num_examples), int(num_classes))
+        if self.pseudo_labels is None or tuple(self.pseudo_labels.shape) != shape:
+            with self.distribute_strategy.scope():
+                self.pseudo_labels = tf.Variable(
+                    tf.zeros(shape, tf.float32), trainable=False, name="p_joint"
+                )
+        return self.pseudo_labels
+
+    def run_state(self):
+        """Every variable a resumed run needs, by group: the three networks (with
+        BatchNorm statistics), the three optimizers (slots and iteration
+        counters), the pseudo-label table (once it exists) and GAL's own state
+        (the warm-up switch, loss scales, non-finite counters, last-step values).
+        Returns `{group: [tf.Variable]}` in a fixed order (`checkpointing.py`)."""
+        self._build_optimizers()
+        own = [
+            self.twins_split,
+            self.nonfinite_steps,
+            self.nonfinite_networks,
+            *self.last_step.values(),
+        ]
+        for scale in (self.twins_loss_scale, self.student_loss_scale):
+            if scale.enabled:
+                own += [scale.value, scale.good_steps, scale.skipped_steps]
+        groups = {
+            "twin_a": self.twin_a.variables,
+            "twin_b": self.twin_b.variables,
+            "student": self.student.variables,
+            "optimizer_a": self.optimizer.variables,
+            "optimizer_b": self.optimizer_b.variables,
+            "optimizer_student": self.student_optimizer.variables,
+            "gal": own,
+        }
+        if self.pseudo_labels is not None:
+            groups["pseudo_labels"] = [self.pseudo_labels]
+        return {k: [_tf_variable(v) for v in vs] for k, vs in groups.items()}
+
     def refresh_pseudo_labels(self, training_set, batch_size=None):
         """Recomputes `p_joint` for every training sample (§3.3, Eq. 6-8).
 
@@ -660,15 +847,17 @@ class GAL(keras.Model):
             sampling.inference_dataset(training_set.images, batch_size)
         ):
             probs[ids] = batch_probs
-        if self.pseudo_labels is None or tuple(self.pseudo_labels.shape) != probs.shape:
-            with self.distribute_strategy.scope():
-                self.pseudo_labels = tf.Variable(probs, trainable=False, name="p_joint")
-        else:
-            self.pseudo_labels.assign(probs)
+        self.ensure_pseudo_label_table(*probs.shape).assign(probs)
+        self.record_pseudo_label_statistics(training_set, probs)
+        return probs
+
+    def record_pseudo_label_statistics(self, training_set, probs=None):
+        """Sets `pseudo_label_stats` from `probs` (default: the current table)."""
+        if probs is None:
+            probs = self.pseudo_labels.numpy()
         self.pseudo_label_stats = pseudo_label_statistics(
             probs, training_set.labels, training_set.clean_labels, self.epsilon
         )
-        return probs
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras' pre-fit symbolic build, which GAL does not need: its networks
@@ -687,6 +876,7 @@ class GAL(keras.Model):
         callbacks=None,
         validation_data=None,
         initial_epoch=0,
+        initial_step=None,
         **kwargs,
     ):
         """Trains GAL. Takes a `galkeras.TrainingSet`, or images `x` with labels `y`.
@@ -695,6 +885,12 @@ class GAL(keras.Model):
         are all driven from here, so `gal.fit(x, y, epochs=E)` needs no extra
         wiring. Other arguments are those of `keras.Model.fit`; `steps_per_epoch`
         is fixed to ⌈N / batch_size⌉ and `shuffle` is replaced by the CDAS plan.
+
+        `initial_step` resumes a run in the middle of an epoch (after restoring
+        its state, `galkeras.checkpointing`): training continues at that global
+        step, with the pseudo-label table as restored. The rest of that epoch
+        runs as one shorter Keras epoch (its logged means cover only the steps
+        run here); the returned `History` holds both parts.
         """
         if isinstance(x, tf.data.Dataset):
             raise TypeError(
@@ -731,7 +927,17 @@ class GAL(keras.Model):
             seed=training_set.seed,
             warmup_steps=self.warmup_epochs * steps,
         )
-        driver = _GALDriver(self, training_set, sampler)
+        if initial_step is None:
+            initial_step = initial_epoch * steps
+        if initial_step < 0:
+            raise ValueError(f"initial_step must be >= 0; got {initial_step}.")
+        initial_epoch, done_in_epoch = divmod(int(initial_step), steps)
+        if done_in_epoch and self.pseudo_labels is None:
+            raise ValueError(
+                "A mid-epoch initial_step needs the pseudo-label table of that "
+                "epoch: restore the run's checkpoint before fit()."
+            )
+        driver = _GALDriver(self, training_set, sampler, resume_step=initial_step)
         dataset = sampling.paired_dataset(
             sampler,
             training_set.images,
@@ -742,17 +948,32 @@ class GAL(keras.Model):
         self.sampler = sampler
         self.enter_epoch(initial_epoch)
         self.make_train_function(force=True)
-        return super().fit(
-            dataset,
-            epochs=epochs,
-            verbose=verbose,
-            callbacks=[driver, *(callbacks or [])],
-            validation_data=validation_data,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps,
-            shuffle=False,
-            **kwargs,
-        )
+
+        def keras_fit(first_epoch, last_epoch, steps_per_epoch):
+            return super(GAL, self).fit(
+                dataset,
+                epochs=last_epoch,
+                verbose=verbose,
+                callbacks=[driver, *(callbacks or [])],
+                validation_data=validation_data,
+                initial_epoch=first_epoch,
+                steps_per_epoch=steps_per_epoch,
+                shuffle=False,
+                **kwargs,
+            )
+
+        if not done_in_epoch:
+            return keras_fit(initial_epoch, epochs, steps)
+        # Keras' epochs all have one length: the rest of the interrupted epoch
+        # is a fit of its own.
+        history = keras_fit(initial_epoch, initial_epoch + 1, steps - done_in_epoch)
+        if initial_epoch + 1 >= epochs:
+            return history
+        rest = keras_fit(initial_epoch + 1, epochs, steps)
+        for key, values in history.history.items():
+            rest.history[key] = values + rest.history.get(key, [])
+        rest.epoch = history.epoch + rest.epoch
+        return rest
 
     # --------------------------------------------------------------- config
     def get_config(self):
@@ -770,6 +991,7 @@ class GAL(keras.Model):
                 "masked_update": self.masked_update,
                 "train_student": self.train_student,
                 "seed": self.seed,
+                "on_nonfinite": self.on_nonfinite,
             }
         )
         return config
@@ -926,26 +1148,61 @@ class _GALDriver(keras.callbacks.Callback):
     see those statistics.
     """
 
-    def __init__(self, gal, training_set, sampler):
+    def __init__(self, gal, training_set, sampler, resume_step=0):
         super().__init__()
         self._gal = gal
         self._training_set = training_set
         self._sampler = sampler
+        self._resume_step = int(resume_step)
         self._start_step = 0
         self._started = False
+        self.global_step = 0
+        self._nonfinite_seen = 0
 
     def start_step(self):
         return self._start_step
 
+    def on_train_begin(self, logs=None):
+        # Every Keras fit opens a new CDAS iterator (GAL.fit may run two).
+        self._started = False
+        self._nonfinite_seen = int(self._gal.nonfinite_steps.numpy())
+
     def on_epoch_begin(self, epoch, logs=None):
+        steps = self._training_set.steps_per_epoch
+        mid_epoch = epoch * steps < self._resume_step < (epoch + 1) * steps
         if not self._started:
-            self._start_step = epoch * self._training_set.steps_per_epoch
+            self._start_step = self._resume_step if mid_epoch else epoch * steps
             self._started = True
+        self.epoch = epoch
+        self.global_step = self._start_step if mid_epoch else epoch * steps
+        self._gal.global_step = self.global_step
         self._gal.enter_epoch(epoch)
         self._gal.variable_open_fraction.reset_state()
-        self._gal.refresh_pseudo_labels(self._training_set)
+        if mid_epoch:
+            # The table was restored with the run: it is this epoch's.
+            self._gal.record_pseudo_label_statistics(self._training_set)
+        else:
+            self._gal.refresh_pseudo_labels(self._training_set)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.global_step += 1
+        self._gal.global_step = self.global_step
+        if self._gal.on_nonfinite != "stop":
+            return
+        count = int(self._gal.nonfinite_steps.numpy())
+        if count > self._nonfinite_seen:
+            bits = int(self._gal.nonfinite_networks.numpy())
+            steps = self._training_set.steps_per_epoch
+            raise NonFiniteError(
+                epoch=self.epoch + 1,
+                step=self.global_step - self.epoch * steps,
+                steps_per_epoch=steps,
+                global_step=self.global_step,
+                networks=[n for i, n in enumerate(NETWORK_NAMES) if bits >> i & 1],
+            )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs.update(self._gal.pseudo_label_stats)
             logs["cdas_fallbacks"] = float(self._sampler.fallback_count)
+            logs["nonfinite_steps"] = float(self._gal.nonfinite_steps.numpy())

@@ -61,7 +61,9 @@ class RunLogger(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._epoch * self.params["steps"] + batch + 1
+        # The run's global step, kept by GAL.fit's driver (which runs first);
+        # Keras' batch index restarts in the partial epoch of a resumed run.
+        step = self.gal.global_step
         if step % self.every_n_steps:
             return
         values = {k: float(self.gal.last_step[k].numpy()) for k in STEP_COLUMNS}
@@ -122,3 +124,44 @@ class EvaluateTestSplit(keras.callbacks.Callback):
         results = self.gal.evaluate(self.dataset, verbose=0, return_dict=True)
         if logs is not None:
             logs.update({f"test_{k}": v for k, v in results.items()})
+
+
+def read_history_csv(path):
+    """`history.csv` (Keras' `CSVLogger`) as `{column: [float per epoch]}`,
+    without the `epoch` column: the whole run's history across resumes."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in (rows[0] if rows else {}) if c != "epoch"]
+    return {
+        c: [float(r[c]) if r[c] != "" else float("nan") for r in rows] for c in columns
+    }
+
+
+def truncate_logs(model_dir, start_step, steps_per_epoch):
+    """Drops the CSV rows a resumed run will write again.
+
+    A run killed after logging an epoch or a step but before checkpointing it
+    re-runs that epoch or step from the checkpoint (`start_step` global steps
+    done). Rows of later epochs (`history.csv`, `agreement_per_variable.csv`) and
+    steps (`steps.csv`) go; each file is rewritten under a temporary name and
+    renamed. TensorBoard event files are left as they are (TensorBoard shows the
+    re-run steps twice).
+    """
+    first_epoch = start_step // steps_per_epoch
+    for name, column, keep in (
+        ("history.csv", "epoch", lambda v: v < first_epoch),
+        ("agreement_per_variable.csv", "epoch", lambda v: v < first_epoch),
+        ("steps.csv", "step", lambda v: v <= start_step),
+    ):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            continue
+        index = rows[0].index(column)
+        kept = [rows[0]] + [r for r in rows[1:] if keep(int(float(r[index])))]
+        with open(path + ".partial", "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(path + ".partial", path)

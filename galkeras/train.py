@@ -59,6 +59,9 @@ _DEFAULTS = dict(
     sync_batchnorm=False,
     mixed_precision="none",
     deterministic=False,
+    checkpoint_every_steps=0,
+    on_nonfinite="stop",
+    new_run=False,
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
@@ -73,6 +76,24 @@ AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
+ON_NONFINITE = ("stop", "skip_step")
+# Flags that may differ when a run resumes: where things are, how much is
+# printed and logged, how often it checkpoints, the hardware it runs on, and what
+# a non-finite step does. Every other flag changes the run.
+RESUME_NEUTRAL = (
+    "data_dir",
+    "model_dir",
+    "export_dir",
+    "verbose",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "strategy",
+    "on_nonfinite",
+    "new_run",
+    "dry_run",
+)
+# Exit statuses of the CLI besides 0 and 2 (bad input).
+EXIT_TRAINING_FAULT = 3  # a non-finite step, or a checkpoint that could not be written
 
 
 @dataclasses.dataclass
@@ -120,6 +141,9 @@ class TrainConfig:
     sync_batchnorm: bool = _DEFAULTS["sync_batchnorm"]
     mixed_precision: str = _DEFAULTS["mixed_precision"]
     deterministic: bool = _DEFAULTS["deterministic"]
+    checkpoint_every_steps: int = _DEFAULTS["checkpoint_every_steps"]
+    on_nonfinite: str = _DEFAULTS["on_nonfinite"]
+    new_run: bool = _DEFAULTS["new_run"]
 
 
 def config_problems(config):
@@ -213,22 +237,70 @@ def config_problems(config):
         ("weight_decay_mode", c.weight_decay_mode, WEIGHT_DECAY_MODES),
         ("strategy", c.strategy, STRATEGIES),
         ("mixed_precision", c.mixed_precision, MIXED_PRECISION),
+        ("on_nonfinite", c.on_nonfinite, ON_NONFINITE),
     ):
         need(
             value in allowed, f"--{flag}={value!r} is unknown; choose one of {allowed}."
         )
-    reused = c.model_dir and os.path.isdir(c.model_dir) and os.listdir(c.model_dir)
+    need(
+        c.checkpoint_every_steps >= 0,
+        f"--checkpoint_every_steps={c.checkpoint_every_steps} must be >= 0 "
+        "(0: a checkpoint at the end of every epoch only).",
+    )
     chief = True
     if c.strategy == "multi_worker":
         problem = tf_config_problem(os.environ.get("TF_CONFIG"))
         need(problem is None, f"--strategy=multi_worker: {problem}")
         chief = problem is not None or tf_config_is_chief(os.environ["TF_CONFIG"])
-    if reused and chief and not c.dry_run:
-        problems.append(
-            f"--model_dir={c.model_dir} already holds files of another run; galkeras "
-            "never overwrites a run. Choose a new --model_dir."
-        )
+    if chief and not c.dry_run and not c.new_run:
+        problems += resume_problems(c)
     return problems
+
+
+def resume_problems(config):
+    """Why `config.model_dir` cannot be resumed with `config` (empty when it can,
+    or when it holds no run yet)."""
+    directory = config.model_dir
+    if not directory or not os.path.isdir(directory) or not os.listdir(directory):
+        return []
+    started = os.path.join(directory, "config.json")
+    if not os.path.isfile(started):
+        return [
+            f"--model_dir={directory} holds files but no galkeras run "
+            "(config.json); galkeras never overwrites them. Choose another "
+            "--model_dir."
+        ]
+    try:
+        with open(started) as f:
+            before = json.load(f)
+    except (OSError, ValueError) as error:
+        return [f"{started} is unreadable ({error}); cannot resume that run."]
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = [
+        f"  --{name}: {before.get(name)!r} when the run started, now {now[name]!r}"
+        for name in now
+        if name not in RESUME_NEUTRAL and before.get(name) != now[name]
+    ]
+    if not changed:
+        return []
+    return [
+        f"--model_dir={directory} holds a run started with other flags; resuming "
+        "it with these would make a different run:\n"
+        + "\n".join(changed)
+        + "\nRe-run with the original flags to resume it, or add --new_run to "
+        "start a new run in a new directory."
+    ]
+
+
+class RunFinished(Exception):
+    """`model_dir` holds a run that finished; `summary` is its summary."""
+
+    def __init__(self, model_dir, summary):
+        self.model_dir, self.summary = model_dir, summary
+        super().__init__(
+            f"The run in {model_dir} already finished (summary.json); nothing to "
+            "do. Add --new_run to train a new run in a new directory."
+        )
 
 
 def run_name(config, dataset_name):
@@ -244,9 +316,16 @@ def run(config):
     `summary.json`, the history CSV and the noisy labels to `model_dir`, and export
     θC as the next SavedModel version under `export_dir`.
 
+    A `model_dir` holding an unfinished run with the same flags is resumed from
+    its latest checkpoint; one holding a finished run is not retrained (the
+    stored summary is returned, with `already_finished` set).
+
     Raises:
-        ValueError (including `galkeras.datasets.DatasetError`): bad configuration
-            or data, always before any training.
+        ConfigError: bad configuration or data, a `model_dir` that holds another
+            run or is in use, always before any training.
+        galkeras.checkpointing.Preempted: SIGTERM; a checkpoint was saved.
+        galkeras.model.NonFiniteError: a non-finite step (`on_nonfinite=stop`).
+        galkeras.checkpointing.CheckpointWriteError: a checkpoint write failed.
     """
     # Before any other TensorFlow op: a multi-worker strategy configures the
     # collective runtime, which must happen at program start-up.
@@ -258,12 +337,18 @@ def run(config):
         # this makes every op deterministic (or raise where it cannot be).
         tf.config.experimental.enable_op_determinism()
     try:
-        prepared = _prepare(config, is_chief(strategy))
-    except ValueError as error:  # includes DatasetError
+        *prepared, lock = _prepare(config, is_chief(strategy))
+    except RunFinished as finished:
+        return {**finished.summary, "already_finished": str(finished)}
+    except (ValueError, RuntimeError) as error:  # DatasetError, RunInUse
         raise ConfigError(str(error)) from error
     if config.dry_run:
         config = dry_run_config(config)
-    return _train(config, strategy, *prepared)
+    try:
+        return _train(config, strategy, *prepared)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def tf_config_problem(text):
@@ -358,7 +443,7 @@ def _prepare(config, chief=True):
 
     import numpy as np
 
-    from galkeras import export
+    from galkeras import checkpointing, export
     from galkeras.datasets import check_dataset_spec, load_dataset
     from galkeras.datasets.base import stand_in_dataset
 
@@ -391,24 +476,34 @@ def _prepare(config, chief=True):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     model_dir = config.model_dir or os.path.join("runs", f"{name}-{stamp}")
     export_dir = config.export_dir or os.path.join("saved_models", name)
+    lock = None
     if config.dry_run or not chief:  # writes nothing where a real run would
         kind = "dry-run" if config.dry_run else "worker"
         model_dir = tempfile.mkdtemp(prefix=f"galkeras-{kind}-{name}-")
         export_dir = None
     else:
+        started = os.path.isfile(os.path.join(model_dir, "config.json"))
+        if config.new_run and started:
+            model_dir = f"{model_dir.rstrip(os.sep)}-{stamp}"
+            logging.warning("--new_run: this run goes to %s.", model_dir)
+        summary_path = os.path.join(model_dir, "summary.json")
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                raise RunFinished(model_dir, json.load(f))
+        checkpointing.check_writable(model_dir, "--model_dir")
         export.check_export_base(export_dir)
-    os.makedirs(model_dir, exist_ok=True)
-    if not os.access(model_dir, os.W_OK):
-        raise ValueError(f"--model_dir={model_dir} is not writable.")
-    np.savez(
-        os.path.join(model_dir, "labels.npz"),
-        noisy_labels=noisy,
-        **({"clean_labels": clean} if clean is not None else {}),
-    )
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+        lock = checkpointing.RunLock(model_dir).acquire()
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        # A new run: its labels and flags, written once and kept for resumes.
+        np.savez(
+            os.path.join(model_dir, "labels.npz"),
+            noisy_labels=noisy,
+            **({"clean_labels": clean} if clean is not None else {}),
+        )
+        with open(os.path.join(model_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
 
-    return data, noisy, clean, noise_rate_actual, model_dir, export_dir
+    return data, noisy, clean, noise_rate_actual, model_dir, export_dir, lock
 
 
 def _train(
@@ -442,8 +537,16 @@ def _fit_and_write(
 ):
     import keras
 
-    from galkeras import augment, backbones, export, optimizers, run_logging, sampling
-    from galkeras.model import GAL
+    from galkeras import (
+        augment,
+        backbones,
+        checkpointing,
+        export,
+        optimizers,
+        run_logging,
+        sampling,
+    )
+    from galkeras.model import GAL, NonFiniteError
     from galkeras.training_set import TrainingSet
 
     with strategy.scope():
@@ -481,6 +584,7 @@ def _fit_and_write(
             masked_update=config.masked_update,
             train_student=config.train_student,
             seed=config.seed,
+            on_nonfinite=config.on_nonfinite,
         )
         training_set = TrainingSet(
             data.x_train,
@@ -506,6 +610,33 @@ def _fit_and_write(
                 weight_decay_mode=config.weight_decay_mode,
             )
         )
+        gal.ensure_pseudo_label_table(len(noisy), data.num_classes)
+    run_checkpoint = checkpointing.RunCheckpoint(
+        gal, os.path.join(model_dir, checkpointing.CHECKPOINT_DIR), noisy
+    )
+    start_step = run_checkpoint.restore()
+    steps = training_set.steps_per_epoch
+    if start_step:
+        epoch, step = divmod(start_step, steps)
+        logging.warning(
+            "Resuming %s from %s: %d of %d epochs and %d of %d steps done.",
+            model_dir,
+            run_checkpoint.latest,
+            epoch,
+            config.epochs,
+            step,
+            steps,
+        )
+        run_logging.truncate_logs(model_dir, start_step, steps)
+    saver = checkpointing.CheckpointCallback(
+        run_checkpoint,
+        gal,
+        steps,
+        start_step=start_step,
+        every_n_steps=config.checkpoint_every_steps,
+        cluster_resolver=getattr(strategy, "cluster_resolver", None),
+        fallbacks_before=int(run_checkpoint.cdas_fallbacks.numpy()),
+    )
     started = time.time()
     evaluation = {
         "test": sampling.evaluation_dataset(data.x_test, data.y_test, config.batch_size)
@@ -517,8 +648,9 @@ def _fit_and_write(
         evaluation["validation"] = sampling.evaluation_dataset(
             data.x_val, data.y_val, config.batch_size
         )
+    history_csv = os.path.join(model_dir, "history.csv")
     callbacks = [
-        keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv")),
+        keras.callbacks.CSVLogger(history_csv, append=True),
         per_variable_agreement_logger(
             gal, os.path.join(model_dir, "agreement_per_variable.csv")
         ),
@@ -531,19 +663,38 @@ def _fit_and_write(
     ]
     if "validation" in evaluation:
         callbacks.insert(0, run_logging.EvaluateTestSplit(gal, evaluation["test"]))
-    history = gal.fit(
-        training_set,
-        epochs=config.epochs,
-        validation_data=evaluation.get("validation", evaluation["test"]),
-        callbacks=callbacks,
-        verbose=config.verbose,
-    ).history
+    # Last, so that an epoch's logs are written before its checkpoint.
+    callbacks.append(saver)
+    try:
+        if start_step < config.epochs * steps:
+            gal.fit(
+                training_set,
+                epochs=config.epochs,
+                initial_step=start_step,
+                validation_data=evaluation.get("validation", evaluation["test"]),
+                callbacks=callbacks,
+                verbose=config.verbose,
+            )
+    except NonFiniteError as error:
+        error.args = (
+            f"{error} The last checkpoint, {run_checkpoint.latest or '(none yet)'}, "
+            "was written before that step and is intact; re-running with "
+            "--on_nonfinite=skip_step resumes from it.",
+        )
+        raise
+    finally:
+        saver.close()
     seconds = time.time() - started
+    # The whole run's epochs, including those before a resume.
+    history = run_logging.read_history_csv(history_csv)
 
     # θC also as a .keras file, for reloading in Keras (the SavedModel is for serving).
     export_path = None
     if export_dir is not None:  # not on a dry run, not on a non-chief worker
-        gal.student.save(os.path.join(model_dir, "student.keras"))
+        # Written under a temporary name, then renamed: never half a file.
+        keras_path = os.path.join(model_dir, "student.keras")
+        gal.student.save(keras_path + ".partial.keras")
+        os.replace(keras_path + ".partial.keras", keras_path)
         export_path = export.export_classifier(
             gal.student, export_dir, data.class_names
         )
@@ -555,8 +706,12 @@ def _fit_and_write(
             "noise_rate": config.noise_rate,
             "noise_rate_actual": noise_rate_actual,
             "epochs": config.epochs,
-            "seconds_per_epoch": seconds / config.epochs,
-            "cdas_fallbacks": int(gal.sampler.fallback_count),
+            # Of the epochs trained by this process (all, unless resumed).
+            "seconds_per_epoch": seconds
+            / max(config.epochs - start_step / steps, 1e-9),
+            "resumed_from_step": start_step,
+            "nonfinite_steps": int(gal.nonfinite_steps.numpy()),
+            "cdas_fallbacks": saver._fallbacks(),
             "skipped_images": data.skipped_images,
             "reported_network": reported_network(config),
             "dry_run": config.dry_run,
@@ -564,8 +719,11 @@ def _fit_and_write(
             "export_path": export_path,
         }
     )
-    with open(os.path.join(model_dir, "summary.json"), "w") as f:
+    # summary.json marks the run finished: it appears whole or not at all.
+    summary_path = os.path.join(model_dir, "summary.json")
+    with open(summary_path + ".partial", "w") as f:
         json.dump(summary, f, indent=2)
+    os.replace(summary_path + ".partial", summary_path)
     return summary
 
 
@@ -805,6 +963,24 @@ def define_flags(flag_values=None):
         "Deterministic ops (tf.config.experimental.enable_op_determinism) on top "
         "of the seeds: the same flags give bit-identical weights on CPU.",
     )
+    define.integer(
+        "checkpoint_every_steps",
+        d["checkpoint_every_steps"],
+        "Also checkpoint every this many steps (0: at the end of every epoch only). "
+        "Re-running the same command resumes from the latest checkpoint.",
+    )
+    define.string(
+        "on_nonfinite",
+        d["on_nonfinite"],
+        f"One of {ON_NONFINITE}: a step with a non-finite loss or gradient stops "
+        "the run (exit 3), or is skipped for all three networks and counted.",
+    )
+    define.bool(
+        "new_run",
+        d["new_run"],
+        "If --model_dir already holds a run, start a new one in a new directory "
+        "(<model_dir>-<time>) instead of resuming or reporting it.",
+    )
     define.bool(
         "dry_run",
         d["dry_run"],
@@ -881,10 +1057,21 @@ def main(argv):
     problems = config_problems(config)
     if problems:
         _fail("\n".join(problems))
+    from galkeras import checkpointing
+    from galkeras.model import NonFiniteError
+
     try:
         summary = run(config)
     except ConfigError as error:
         _fail(str(error))
+    except checkpointing.Preempted as preempted:
+        print(f"galkeras.train: {preempted}", file=sys.stderr)
+        sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
+    except (NonFiniteError, checkpointing.CheckpointWriteError) as error:
+        print(f"galkeras.train: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_TRAINING_FAULT)
+    if summary.get("already_finished"):
+        print(f"galkeras.train: {summary['already_finished']}")
     print(format_summary(summary))
 
 

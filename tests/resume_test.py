@@ -1,0 +1,151 @@
+"""Never lose a run (issue #6), end to end through the CLI: kill -9 and SIGTERM
+mid-run, resume, and the resumed run's final state equals an uninterrupted one's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from galkeras import checkpointing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+# digits: 1,437 training images, batch 16 -> 90 steps per epoch, 270 in all.
+FLAGS = [
+    "--flagfile=flags/quickstart.flags",
+    "--epochs=3",
+    "--warmup_epochs=1",
+    "--lr_decay_epochs=2",
+    "--batch_size=16",
+    "--backbone_width=4",
+    "--verbose=0",
+    "--log_every_steps=5",
+    "--checkpoint_every_steps=7",
+    "--deterministic",
+]
+TOTAL_STEPS = 270
+
+
+def _command(tmp_path, name, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "galkeras.train",
+        *FLAGS,
+        f"--model_dir={tmp_path / name}",
+        f"--export_dir={tmp_path / name}_export",
+        *extra,
+    ]
+
+
+def _run(tmp_path, name, *extra):
+    return subprocess.run(
+        _command(tmp_path, name, *extra),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _interrupt(tmp_path, name, how):
+    """Starts a run, waits for its first checkpoint, then sends `how`."""
+    process = subprocess.Popen(
+        _command(tmp_path, name),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state = tmp_path / name / "checkpoints" / "checkpoint"
+    deadline = time.time() + 300
+    while not state.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=300)  # also reaps it: no zombie pid
+    return process.returncode, stderr
+
+
+def _final_state(run_dir):
+    """Every tensor of the run's latest checkpoint, by name."""
+    path = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    names = [
+        n
+        for n in reader.get_variable_to_shape_map()
+        # TF's bookkeeping: the object graph, how many saves were made, and the
+        # preemption handler's count of its calls at a SIGTERM save.
+        if "OBJECT_GRAPH" not in n
+        and not n.startswith(("save_counter", "checkpointed_runs"))
+    ]
+    return path, {n: reader.get_tensor(n) for n in names}
+
+
+@pytest.mark.large
+def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
+    reference = _run(tmp_path, "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    # kill -9 after the first checkpoint: no chance to clean up.
+    code, stderr = _interrupt(tmp_path, "killed", signal.SIGKILL)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    assert (tmp_path / "killed" / checkpointing.LOCK_FILE).exists()  # stale now
+
+    # SIGTERM: a checkpoint at the next step boundary, then the distinct code.
+    code, stderr = _interrupt(tmp_path, "preempted", signal.SIGTERM)
+    assert code == checkpointing.PREEMPTED_EXIT_CODE, stderr[-2000:]
+    assert "Preempted (SIGTERM): saved checkpoint" in stderr
+    saved = tf.train.latest_checkpoint(str(tmp_path / "preempted" / "checkpoints"))
+    preempted_at = int(saved.rsplit("-", 1)[1])
+    assert 0 < preempted_at < TOTAL_STEPS
+    assert not (tmp_path / "preempted" / checkpointing.LOCK_FILE).exists()
+
+    for name in ("killed", "preempted"):
+        resumed = _run(tmp_path, name)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert 0 < summary["resumed_from_step"] < TOTAL_STEPS
+        if name == "preempted":
+            assert summary["resumed_from_step"] == preempted_at
+
+    ref_path, ref = _final_state(tmp_path / "reference")
+    assert ref_path.endswith(f"ckpt-{TOTAL_STEPS}")
+    for name in ("killed", "preempted"):
+        path, state = _final_state(tmp_path / name)
+        assert path.endswith(f"ckpt-{TOTAL_STEPS}")
+        assert state.keys() == ref.keys()
+        for key in ref:  # networks, optimizers, the table: bit for bit
+            np.testing.assert_array_equal(state[key], ref[key], err_msg=key)
+
+        # The logs hold each epoch and each logged step exactly once.
+        history = (tmp_path / name / "history.csv").read_text().splitlines()
+        assert [row.split(",")[0] for row in history[1:]] == ["0", "1", "2"]
+        steps = (tmp_path / name / "steps.csv").read_text().splitlines()[1:]
+        assert [int(r.split(",")[0]) for r in steps] == list(range(5, 271, 5))
+
+    ref_summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    for name in ("killed", "preempted"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        for net in ("twin_a", "twin_b", "joint", "student"):
+            assert summary[net] == ref_summary[net]
+
+    # Re-running a finished run does not retrain it.
+    again = _run(tmp_path, "reference")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already finished" in again.stdout
+    assert tf.train.latest_checkpoint(str(tmp_path / "reference" / "checkpoints")) == (
+        ref_path
+    )
