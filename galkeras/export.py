@@ -96,3 +96,32 @@ def export_classifier(model, base_path, class_names=None):
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
+
+
+def load_keras_model(path):
+    """Loads a `.keras` file (such as a run's `student.keras`) in Keras' safe mode.
+
+    Safe mode refuses to deserialise Python code (a `Lambda` layer's bytecode),
+    so a `.keras` file from elsewhere cannot run code on load. galkeras' own
+    layers and models are registered Keras objects and load without it.
+
+    Raises:
+        ValueError: naming the file, when it is missing, not a `.keras` archive,
+            or holds code that safe mode refuses.
+    """
+    # Registers galkeras' layers, models and optimizers with Keras.
+    from galkeras import backbones, distill, model, optimizers  # noqa: F401
+
+    path = os.fspath(path)
+    if not path.endswith(".keras") or not os.path.isfile(path):
+        raise ValueError(f"{path} is not an existing .keras file.")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" not in str(error):
+            raise ValueError(f"{path}: {error}") from error
+        raise ValueError(
+            f"{path} holds Python code (a Lambda layer), which galkeras refuses to "
+            "load: it would run on load. If you trust its author, load it yourself "
+            "with keras.saving.load_model(path, safe_mode=False)."
+        ) from error

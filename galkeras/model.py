@@ -416,6 +416,17 @@ class GAL(keras.Model):
     def train_step(self, data):
         # Every network's loss and gradients first, then the updates, so that a
         # non-finite value anywhere can hold back the whole step (`skip_step`).
+        skip = self.on_nonfinite == "skip_step"
+        if skip:
+            # The forward passes move BatchNorm statistics: keep the old ones.
+            nets = [self.twin_a, self.student]
+            if self.phase != WARMUP:
+                nets.append(self.twin_b)
+            saved = [
+                (_tf_variable(v), tf.identity(v.value))
+                for net in nets
+                for v in net.non_trainable_variables
+            ]
         if self.phase == WARMUP:
             faults, updates = self._warmup_step(data)
         else:
@@ -425,7 +436,10 @@ class GAL(keras.Model):
             faults, updates = {**faults, **fault}, [*updates, update]
         step_ok = self._record_nonfinite(faults)
         for update in updates:
-            update(step_ok if self.on_nonfinite == "skip_step" else None)
+            update(step_ok if skip else None)
+        if skip:
+            for variable, old in saved:
+                variable.assign(tf.where(step_ok, variable.read_value(), old))
         return self._logs(self._train_trackers)
 
     def _fault_free(self, loss, grads):
@@ -453,18 +467,25 @@ class GAL(keras.Model):
 
     def _apply(self, optimizer, grads, variables, slots, gates, step_ok):
         """`optimizer.apply`, through the `skip` path when some gate may be
-        closed: `gates` (or None for all open) and-ed with `step_ok` (or None)."""
-        if step_ok is not None:
+        closed: `gates` (or None for all open) and-ed with `step_ok` (or None).
+        A step that is not ok leaves the optimizer's iteration counter as it was
+        too, so the learning-rate schedule does not move either."""
+        if step_ok is None:
             if gates is None:
-                gates = tf.ones([len(variables)], tf.bool)
-            gates = tf.logical_and(gates, step_ok)
-            # A skipped step may hold NaN: keep it out of the optimizer's
-            # arithmetic, whose result is discarded anyway.
-            grads = [tf.where(step_ok, g, tf.zeros_like(g)) for g in grads]
-        if gates is None:
-            optimizer.apply(grads, variables)
-        else:
-            self._skip_apply(optimizer, grads, variables, slots, gates)
+                optimizer.apply(grads, variables)
+            else:
+                self._skip_apply(optimizer, grads, variables, slots, gates)
+            return
+        gates = tf.ones([len(variables)], tf.bool) if gates is None else gates
+        # A skipped step may hold NaN: keep it out of the optimizer's arithmetic,
+        # whose result is discarded anyway.
+        grads = [tf.where(step_ok, g, tf.zeros_like(g)) for g in grads]
+        iterations = _tf_variable(optimizer.iterations)
+        before = tf.identity(iterations)
+        self._skip_apply(
+            optimizer, grads, variables, slots, tf.logical_and(gates, step_ok)
+        )
+        iterations.assign(tf.where(step_ok, iterations.read_value(), before))
 
     def _logs(self, trackers):
         """The trackers' results as the step's logs. Under multi-worker
@@ -1014,8 +1035,11 @@ def _all_replicas_finite(finite):
     replica = tf.distribute.get_replica_context()
     if replica is None or replica.num_replicas_in_sync == 1:
         return finite
-    flag = replica.all_reduce(tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32))
-    return flag > 0.5
+    # ReduceOp has no MIN: count the replicas where it is false.
+    bad = replica.all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32)
+    )
+    return bad < 0.5
 
 
 class DynamicLossScale:

@@ -261,7 +261,10 @@ def resume_problems(config):
     """Why `config.model_dir` cannot be resumed with `config` (empty when it can,
     or when it holds no run yet)."""
     directory = config.model_dir
-    if not directory or not os.path.isdir(directory) or not os.listdir(directory):
+    if not directory or not os.path.isdir(directory):
+        return []
+    # A lock alone: another process has just started this run (the lock says so).
+    if not set(os.listdir(directory)) - {".galkeras.lock"}:
         return []
     started = os.path.join(directory, "config.json")
     if not os.path.isfile(started):

@@ -1,5 +1,6 @@
 """The CLI end to end on `digits`, its export, and every bad-input case."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -207,8 +208,16 @@ def test_run_on_npz_in_process(tmp_path):
     config = tiny_run_config(tmp_path, flag.split("=", 1)[1], noise_rate=0.2)
     summary = train.run(config)
     assert summary["dataset"] == "data" and os.path.isdir(summary["export_path"])
-    with pytest.raises(train.ConfigError, match="--model_dir"):
-        train.run(config)
+    # The same run again is finished: reported, not retrained or re-exported.
+    again = train.run(config)
+    assert "already finished" in again["already_finished"]
+    assert again["export_path"] == summary["export_path"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["1"]
+    # --new_run: a new run beside it, the old one untouched.
+    new = train.run(dataclasses.replace(config, new_run=True))
+    assert new["model_dir"].startswith(config.model_dir + "-")
+    assert "already_finished" not in new
+    assert sorted(os.listdir(tmp_path / "export")) == ["1", "2"]
 
 
 def test_bad_folder_dataset_exits_nonzero(tmp_path):

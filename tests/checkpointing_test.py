@@ -1,0 +1,302 @@
+"""Checkpoints, the run lock, non-finite steps and safe loading (issue #6)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_run_config
+
+from galkeras import GAL, TrainingSet, checkpointing, export, train
+from galkeras.model import NonFiniteError
+
+
+def _gal(tiny, **options):
+    make, _ = tiny
+    gal = GAL(
+        make("twin_a"), make("twin_b"), make("student"), warmup_epochs=1, **options
+    )
+    gal.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    gal.ensure_pseudo_label_table(12, 3)
+    return gal
+
+
+def _values(gal):
+    return [np.array(v) for group in gal.run_state().values() for v in group]
+
+
+# ------------------------------------------------------------ checkpoints
+def test_a_write_cut_short_leaves_the_previous_checkpoint_loadable(tiny, tmp_path):
+    gal = _gal(tiny)
+    labels = np.arange(12) % 3
+    saver = checkpointing.RunCheckpoint(gal, str(tmp_path), labels)
+    saver.save(1)
+    gal.student.weights[0].assign(gal.student.weights[0] + 1.0)
+    saver.save(2)
+    at_two = _values(gal)
+
+    real_write = saver.checkpoint._write
+
+    def crash_midway(prefix, options=None):
+        # The data file half written, then the disk fills up.
+        with open(prefix + ".data-00000-of-00001", "wb") as f:
+            f.write(b"\x00" * 10)
+        raise OSError(28, "No space left on device")
+
+    saver.checkpoint._write = crash_midway
+    gal.student.weights[0].assign(gal.student.weights[0] + 1.0)
+    with pytest.raises(checkpointing.CheckpointWriteError) as error:
+        saver.save(3)
+    assert "No space left on device" in str(error.value)
+    assert "ckpt-2 is intact" in str(error.value)
+    saver.checkpoint._write = real_write
+
+    fresh = _gal(tiny)
+    restored = checkpointing.RunCheckpoint(fresh, str(tmp_path), labels)
+    assert restored.restore() == 2
+    for got, want in zip(_values(fresh), at_two):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_unreadable_latest_checkpoint_is_set_aside_not_deleted(tiny, tmp_path):
+    gal = _gal(tiny)
+    labels = np.arange(12) % 3
+    saver = checkpointing.RunCheckpoint(gal, str(tmp_path), labels)
+    saver.save(5)
+    at_five = _values(gal)
+    gal.twin_a.weights[0].assign(gal.twin_a.weights[0] * 2.0)
+    second = saver.save(9)
+    with open(second + ".index", "wb") as f:  # damaged on disk
+        f.write(b"not a checkpoint index")
+
+    fresh = _gal(tiny)
+    restored = checkpointing.RunCheckpoint(fresh, str(tmp_path), labels)
+    assert restored.restore() == 5
+    assert restored.latest.endswith("ckpt-5")
+    assert (tmp_path / "corrupt-ckpt-9.index").exists()
+    for got, want in zip(_values(fresh), at_five):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_checkpoint_of_other_noisy_labels_is_refused(tiny, tmp_path):
+    gal = _gal(tiny)
+    checkpointing.RunCheckpoint(gal, str(tmp_path), np.arange(12) % 3).save(1)
+    other = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), np.zeros(12))
+    with pytest.raises(ValueError, match="other noisy labels"):
+        other.restore()
+
+
+def test_checkpoints_keep_the_last_two(tiny, tmp_path):
+    saver = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), np.zeros(12))
+    for step in (3, 6, 9):
+        saver.save(step)
+    indexes = sorted(p.name for p in tmp_path.glob("*.index"))
+    assert indexes == ["ckpt-6.index", "ckpt-9.index"]
+
+
+# ------------------------------------------------------------------- lock
+def _dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _write_lock(directory, **holder):
+    record = {"host": socket.gethostname(), "pid": os.getpid(), **holder}
+    (directory / checkpointing.LOCK_FILE).write_text(json.dumps(record))
+
+
+def test_the_run_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    lock = checkpointing.RunLock(str(tmp_path))
+    with lock:
+        assert (tmp_path / checkpointing.LOCK_FILE).exists()
+        with pytest.raises(checkpointing.RunInUse, match=f"process {os.getpid()}"):
+            checkpointing.RunLock(str(tmp_path)).acquire()
+    assert not (tmp_path / checkpointing.LOCK_FILE).exists()
+
+    _write_lock(tmp_path, host="another-host", pid=1)
+    with pytest.raises(checkpointing.RunInUse, match="on another-host"):
+        checkpointing.RunLock(str(tmp_path)).acquire()
+
+    _write_lock(tmp_path, pid=_dead_pid())  # kill -9 left it behind
+    taken = checkpointing.RunLock(str(tmp_path)).acquire()
+    holder = json.loads((tmp_path / checkpointing.LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid()
+    taken.release()
+
+
+def test_a_second_process_on_a_run_in_use_is_refused_before_training(tmp_path):
+    config = tiny_run_config(tmp_path, "digits")
+    os.makedirs(config.model_dir)
+    _write_lock(tmp_path / "run", pid=os.getppid())  # alive: pytest's parent
+    with pytest.raises(train.ConfigError, match="in use by process"):
+        train.run(config)
+    # The same with the other process's run under way (its config.json written).
+    (tmp_path / "run" / "config.json").write_text(
+        json.dumps(train.dataclasses.asdict(config))
+    )
+    assert train.config_problems(config) == []
+    with pytest.raises(train.ConfigError, match="in use by process"):
+        train.run(config)
+    assert sorted(os.listdir(tmp_path / "run")) == [".galkeras.lock", "config.json"]
+
+
+# ------------------------------------------------------------ CLI refusals
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "galkeras.train", "--verbose=0", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_resuming_with_changed_flags_is_refused_with_the_differences(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    started = train.TrainConfig(model_dir=str(run_dir))
+    (run_dir / "config.json").write_text(json.dumps(train.dataclasses.asdict(started)))
+    result = _cli(
+        f"--model_dir={run_dir}", "--seed=3", "--noise_rate=0.2", "--verbose=1"
+    )
+    assert result.returncode == 2
+    assert "--seed: 0 when the run started, now 3" in result.stderr
+    assert "--noise_rate: 0.5 when the run started, now 0.2" in result.stderr
+    assert "--verbose" not in result.stderr  # does not change the run
+    assert "--new_run" in result.stderr
+    assert sorted(os.listdir(run_dir)) == ["config.json"]  # nothing touched
+
+
+def test_unwritable_model_and_export_dirs_fail_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    config = tiny_run_config(tmp_path, "digits", model_dir=str(blocker / "run"))
+    with pytest.raises(train.ConfigError, match="--model_dir=.* is not writable"):
+        train.run(config)
+    config = tiny_run_config(tmp_path, "digits", export_dir=str(blocker / "export"))
+    with pytest.raises(train.ConfigError, match="--export_dir .* is not a directory"):
+        train.run(config)
+
+
+# ------------------------------------------------------------- non-finite
+class Poison(keras.layers.Layer):
+    """Adds `self.value` (0, or NaN to poison a step) to its input."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.value = tf.Variable(0.0, trainable=False)
+
+    def call(self, x):
+        return x + self.value
+
+
+class PoisonStep(keras.callbacks.Callback):
+    """Poisons global step `at` (1-based) and records the state around it."""
+
+    def __init__(self, gal, layer, at):
+        super().__init__()
+        self.gal, self.layer, self.at, self.step = gal, layer, at, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.step += 1
+        self.layer.value.assign(float("nan") if self.step == self.at else 0.0)
+        if self.step == self.at:
+            self.before = _values(self.gal)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.step == self.at:
+            self.after = _values(self.gal)
+
+
+def _poisoned_gal(tiny, on_nonfinite):
+    make, data = tiny
+    poison = Poison()
+    base = make("student")
+    student = keras.Model(base.input, poison(base.output), name="student")
+    gal = GAL(
+        make("twin_a"),
+        make("twin_b"),
+        student,
+        warmup_epochs=1,
+        on_nonfinite=on_nonfinite,
+    )
+    gal.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    images, labels = data(n=24)
+    return gal, poison, TrainingSet(images, labels, batch_size=6, num_classes=3)
+
+
+def test_skip_step_holds_back_all_three_networks_and_counts_it(tiny):
+    gal, poison, training_set = _poisoned_gal(tiny, "skip_step")
+    probe = PoisonStep(gal, poison, at=6)  # epoch 2, step 2: the agreement phase
+    history = gal.fit(training_set, epochs=2, callbacks=[probe], verbose=0)
+    groups = [name for name, group in gal.run_state().items() for _ in group]
+    for name, before, after in zip(groups, probe.before, probe.after):
+        if name != "gal":  # GAL's counters and last-step values move by design
+            np.testing.assert_array_equal(before, after, err_msg=name)
+    assert int(gal.nonfinite_steps.numpy()) == 1
+    assert int(gal.nonfinite_networks.numpy()) == 0b100  # the student
+    assert history.history["nonfinite_steps"] == [0.0, 1.0]
+    assert all(np.isfinite(v).all() for v in _values(gal))
+
+
+def test_stop_names_the_epoch_the_step_and_the_network(tiny):
+    gal, poison, training_set = _poisoned_gal(tiny, "stop")
+    probe = PoisonStep(gal, poison, at=7)
+    with pytest.raises(NonFiniteError) as error:
+        gal.fit(training_set, epochs=2, callbacks=[probe], verbose=0)
+    assert (error.value.epoch, error.value.step, error.value.global_step) == (2, 3, 7)
+    assert error.value.networks == ["student"]
+    assert "student at epoch 2, step 3 of 4" in str(error.value)
+
+
+def test_a_diverging_cli_run_stops_with_exit_3_and_keeps_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _cli(
+        "--epochs=2",
+        "--warmup_epochs=1",
+        "--lr_decay_epochs=",
+        "--batch_size=64",
+        "--backbone_width=4",
+        "--lr=1e30",
+        "--checkpoint_every_steps=1",
+        f"--model_dir={run_dir}",
+        f"--export_dir={tmp_path / 'export'}",
+    )
+    assert result.returncode == train.EXIT_TRAINING_FAULT, result.stderr[-2000:]
+    assert "Non-finite loss or gradient in twin_a" in result.stderr
+    assert "at epoch 1, step" in result.stderr
+    assert "is intact" in result.stderr
+    assert not (run_dir / "summary.json").exists()
+    assert not (tmp_path / "export").exists()
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    reader = tf.train.load_checkpoint(latest)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), name
+
+
+# ------------------------------------------------------------------ .keras
+def test_keras_files_load_in_safe_mode(tiny, tmp_path):
+    make, _ = tiny
+    good = tmp_path / "student.keras"
+    make("student").save(good)
+    assert export.load_keras_model(good).name == "student"
+
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    evil = tmp_path / "evil.keras"
+    keras.Model(inputs, outputs).save(evil)
+    with pytest.raises(ValueError, match="holds Python code"):
+        export.load_keras_model(evil)
+    with pytest.raises(ValueError, match="not an existing .keras file"):
+        export.load_keras_model(tmp_path / "missing.keras")
