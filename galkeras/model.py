@@ -612,8 +612,6 @@ class GAL(keras.Model):
             # and the scale halves. `finite` is global: the gradients were
             # all-reduced.
             finite = scale.update(all_finite(global_a) & all_finite(global_b))
-            if step_ok is not None:
-                finite = tf.logical_and(finite, step_ok)
             ga, gb, g = grads_a, grads_b, gates
             if self.masked_update == "zero_grad" and self.update_rule != "all":
                 ga = [x * tf.cast(s, x.dtype) for x, s in zip(ga, tf.unstack(g))]
@@ -622,8 +620,14 @@ class GAL(keras.Model):
             elif self.update_rule == "all":
                 g = tf.ones_like(g)
             g = tf.logical_and(g, finite)
-            self._skip_apply(self.optimizer, ga, vars_a, slots_a, g)
-            self._skip_apply(self.optimizer_b, gb, vars_b, slots_b, g)
+            for optimizer, grads, variables, slots in (
+                (self.optimizer, ga, vars_a, slots_a),
+                (self.optimizer_b, gb, vars_b, slots_b),
+            ):
+                if step_ok is None:
+                    self._skip_apply(optimizer, grads, variables, slots, g)
+                else:  # skip_step: a faulty step moves no iteration counter either
+                    self._apply(optimizer, grads, variables, slots, g, step_ok)
 
         return faults, [update_float16 if self.loss_scaling else update]
 

@@ -290,7 +290,10 @@ def test_keras_files_load_in_safe_mode(tiny, tmp_path):
     make, _ = tiny
     good = tmp_path / "student.keras"
     make("student").save(good)
-    assert export.load_keras_model(good).name == "student"
+    loaded = export.load_keras_model(good)
+    assert loaded.name == "student"
+    version = export.export_classifier(loaded, str(tmp_path / "served"))  # README
+    assert version.endswith(os.path.join("served", "1"))
 
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
