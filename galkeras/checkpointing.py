@@ -340,12 +340,11 @@ def check_writable(directory, what):
     Raises:
         ValueError: naming the flag (`what`) and the reason.
     """
+    from galkeras.export import write_probe
+
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".galkeras-probe-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("probe")
-        os.remove(probe)
+        write_probe(directory)
     except OSError as error:
         raise ValueError(
             f"{what}={directory} is not writable ({error.strerror or error}). "

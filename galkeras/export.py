@@ -32,17 +32,23 @@ def check_export_base(base_path):
         probe_dir = parent
     if not os.path.isdir(probe_dir):
         raise ValueError(f"--export_dir {base_path}: {probe_dir} is not a directory.")
-    # A real write: `os.access` says yes to root even on a read-only mount.
-    probe = os.path.join(probe_dir, f".galkeras-probe-{os.getpid()}")
     try:
-        with open(probe, "w") as f:
-            f.write("probe")
-        os.remove(probe)
+        write_probe(probe_dir)
     except OSError as error:
         raise ValueError(
             f"--export_dir {base_path}: {probe_dir} is not writable "
             f"({error.strerror or error}); choose a writable --export_dir."
         ) from error
+
+
+def write_probe(directory):
+    """Writes and removes a small file in `directory`, raising `OSError` if it
+    cannot: a real write, since `os.access` says yes to root even on a read-only
+    mount."""
+    probe = os.path.join(directory, f".galkeras-probe-{os.getpid()}")
+    with open(probe, "w") as f:
+        f.write("probe")
+    os.remove(probe)
 
 
 def export_classifier(model, base_path, class_names=None):

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_run_config
+from conftest import run_module, tiny_run_config
 
 from galkeras import GAL, TrainingSet, checkpointing, export, train
 from galkeras.model import NonFiniteError
@@ -147,17 +147,8 @@ def test_a_second_process_on_a_run_in_use_is_refused_before_training(tmp_path):
 
 
 # ------------------------------------------------------------ CLI refusals
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-
-
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "galkeras.train", "--verbose=0", *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("galkeras.train", "--verbose=0", *args)
 
 
 def test_resuming_with_changed_flags_is_refused_with_the_differences(tmp_path):

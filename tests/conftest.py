@@ -44,6 +44,30 @@ def tiny_data(n=48, num_classes=3, seed=0, shape=(4, 4, 1)):
     return images, labels.astype(np.int64)
 
 
+# The environment of CLI subprocesses: quiet, CPU only, no inherited cluster.
+CLI_ENV = {
+    **{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "CUDA_VISIBLE_DEVICES": "",
+}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module, *args, cwd=REPO, timeout=600):
+    """`python -m <module> <args>` in a subprocess; its `CompletedProcess`."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture
 def tiny():
     return tiny_net, tiny_data

@@ -4,17 +4,13 @@ the figures' plotted data, and the CLI's outputs and refusals."""
 import csv
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_module
 
 from galkeras import report
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 CONFIG = dict(
     dataset="cifar10",
     noise_type="sym",
@@ -258,14 +254,7 @@ def test_load_run_names_the_path_and_what_is_missing(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "galkeras.report", *args],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("galkeras.report", *args, timeout=120)
 
 
 def test_cli_writes_pngs_and_the_table_from_a_directory_of_runs(tmp_path):

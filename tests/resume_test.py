@@ -2,7 +2,6 @@
 mid-run, resume, and the resumed run's final state equals an uninterrupted one's."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,15 +10,10 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import CLI_ENV, REPO, run_module
 
 from galkeras import checkpointing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {
-    **{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-    "CUDA_VISIBLE_DEVICES": "",
-}
 # digits: 1,437 training images, batch 16 -> 90 steps per epoch, 270 in all.
 FLAGS = [
     "--flagfile=flags/quickstart.flags",
@@ -36,11 +30,8 @@ FLAGS = [
 TOTAL_STEPS = 270
 
 
-def _command(tmp_path, name, *extra):
+def _args(tmp_path, name, *extra):
     return [
-        sys.executable,
-        "-m",
-        "galkeras.train",
         *FLAGS,
         f"--model_dir={tmp_path / name}",
         f"--export_dir={tmp_path / name}_export",
@@ -49,22 +40,15 @@ def _command(tmp_path, name, *extra):
 
 
 def _run(tmp_path, name, *extra):
-    return subprocess.run(
-        _command(tmp_path, name, *extra),
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("galkeras.train", *_args(tmp_path, name, *extra))
 
 
 def _interrupt(tmp_path, name, how):
     """Starts a run, waits for its first checkpoint, then sends `how`."""
     process = subprocess.Popen(
-        _command(tmp_path, name),
+        [sys.executable, "-m", "galkeras.train", *_args(tmp_path, name)],
         cwd=REPO,
-        env=ENV,
+        env=CLI_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

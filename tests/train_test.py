@@ -8,26 +8,15 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_run_config
+from conftest import CLI_ENV, run_module, tiny_run_config
 
 from galkeras import agreement, augment, backbones, model, noise, sampling, train
 
-ENV = {
-    **{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},
-    "TF_CPP_MIN_LOG_LEVEL": "3",
-    "CUDA_VISIBLE_DEVICES": "",
-}
+ENV = CLI_ENV
 
 
 def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "galkeras.train", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("galkeras.train", *args, cwd=cwd)
 
 
 def test_cli_choices_match_the_library():
