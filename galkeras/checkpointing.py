@@ -88,16 +88,16 @@ class RunCheckpoint:
         )
         self.manager = self._make_manager(max_to_keep)
 
-    def _make_manager(self, max_to_keep):
+    def _make_manager(self, max_to_keep, directory=None):
         return tf.train.CheckpointManager(
-            self.checkpoint, self.directory, max_to_keep=max_to_keep
+            self.checkpoint, directory or self.directory, max_to_keep=max_to_keep
         )
 
     @property
     def latest(self):
         return self.manager.latest_checkpoint
 
-    def restore(self):
+    def restore(self, directory=None):
         """Restores the newest readable checkpoint and returns its global step
         (0 when there is none).
 
@@ -105,15 +105,23 @@ class RunCheckpoint:
         TensorFlow's atomic write, or damaged on disk) is renamed to
         `corrupt-ckpt-N.*`, never deleted, and the one before it is used.
 
+        Args:
+            directory: read from this directory instead of our own, without
+                changing anything in it (a multi-worker run's non-chief workers
+                read the chief's checkpoints).
+
         Raises:
             ValueError: the checkpoint's noisy labels differ from this run's.
         """
-        for path in reversed(self.manager.checkpoints):
+        own = directory is None
+        manager = self.manager if own else self._make_manager(None, directory)
+        for path in reversed(manager.checkpoints):
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as error:
                 logging.warning("Checkpoint %s is unreadable (%s).", path, error)
-                self._set_aside(path)
+                if own:
+                    self._set_aside(path)
                 continue
             if not np.array_equal(self._saved_labels.numpy(), self.noisy_labels):
                 raise ValueError(
@@ -121,7 +129,7 @@ class RunCheckpoint:
                     "ones this run makes: the dataset or the noise flags changed. "
                     "Restore the original data, or start a new run (--new_run)."
                 )
-            if path != self.manager.latest_checkpoint:
+            if own and path != self.manager.latest_checkpoint:
                 self._point_index_at(path)
             return int(self.step.numpy())
         return 0

@@ -480,6 +480,12 @@ def _prepare(config, chief=True):
     model_dir = config.model_dir or os.path.join("runs", f"{name}-{stamp}")
     export_dir = config.export_dir or os.path.join("saved_models", name)
     lock = None
+    if not chief and not config.dry_run and config.model_dir:
+        # A worker finds the chief's run on the shared --model_dir.
+        summary_path = os.path.join(config.model_dir, "summary.json")
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                raise RunFinished(config.model_dir, json.load(f))
     if config.dry_run or not chief:  # writes nothing where a real run would
         kind = "dry-run" if config.dry_run else "worker"
         model_dir = tempfile.mkdtemp(prefix=f"galkeras-{kind}-{name}-")
@@ -617,7 +623,23 @@ def _fit_and_write(
     run_checkpoint = checkpointing.RunCheckpoint(
         gal, os.path.join(model_dir, checkpointing.CHECKPOINT_DIR), noisy
     )
-    start_step = run_checkpoint.restore()
+    chief = is_chief(strategy)
+    # Non-chief workers of a multi-worker run write to a temporary directory and
+    # resume from the chief's checkpoints (--model_dir on storage they all see).
+    shared = None
+    if not chief and config.model_dir:
+        shared = os.path.join(config.model_dir, checkpointing.CHECKPOINT_DIR)
+    start_step = run_checkpoint.restore(
+        shared if shared and os.path.isdir(shared) else None
+    )
+    if strategy.extended._in_multi_worker_mode():
+        starts = _steps_of_all_workers(strategy, start_step)
+        if len(set(starts)) > 1:
+            raise ConfigError(
+                f"The workers resumed from different steps {starts}: every worker "
+                f"must read the chief's checkpoints in --model_dir={config.model_dir} "
+                "(put it on storage all hosts share)."
+            )
     steps = training_set.steps_per_epoch
     if start_step:
         epoch, step = divmod(start_step, steps)
@@ -728,6 +750,18 @@ def _fit_and_write(
         json.dump(summary, f, indent=2)
     os.replace(summary_path + ".partial", summary_path)
     return summary
+
+
+def _steps_of_all_workers(strategy, step):
+    """Every worker's `step`, gathered with a collective (multi-worker runs)."""
+    import tensorflow as tf
+
+    @tf.function
+    def gather():
+        local = strategy.run(lambda: tf.constant([step], tf.int64))
+        return strategy.gather(local, axis=0)
+
+    return [int(s) for s in gather().numpy()]
 
 
 def per_variable_agreement_logger(gal, path):

@@ -1,13 +1,18 @@
 """Two worker processes on localhost train one GAL run with
-MultiWorkerMirroredStrategy; only the chief writes the run's artefacts."""
+MultiWorkerMirroredStrategy, are preempted, resume, and only the chief writes the
+run's artefacts."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+
+from galkeras import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +27,7 @@ def _free_ports(count):
     return ports
 
 
-@pytest.mark.large
-def test_two_workers_finish_and_only_the_chief_writes(tmp_path):
-    workers = [f"localhost:{port}" for port in _free_ports(2)]
-    model_dir, export_dir = tmp_path / "run", tmp_path / "export"
+def _launch(tmp_path, workers, model_dir, export_dir):
     processes = []
     for index in range(2):
         env = {
@@ -40,7 +42,7 @@ def test_two_workers_finish_and_only_the_chief_writes(tmp_path):
                 }
             ),
         }
-        os.makedirs(env["TMPDIR"])
+        os.makedirs(env["TMPDIR"], exist_ok=True)
         processes.append(
             subprocess.Popen(
                 [
@@ -49,12 +51,13 @@ def test_two_workers_finish_and_only_the_chief_writes(tmp_path):
                     "galkeras.train",
                     "--flagfile=flags/quickstart.flags",
                     "--strategy=multi_worker",
-                    "--epochs=2",
+                    "--epochs=3",
                     "--warmup_epochs=1",
                     "--lr_decay_epochs=",
                     "--backbone_width=4",
                     "--verbose=0",
                     "--log_every_steps=5",
+                    "--checkpoint_every_steps=4",
                     f"--model_dir={model_dir}",
                     f"--export_dir={export_dir}",
                 ],
@@ -65,10 +68,35 @@ def test_two_workers_finish_and_only_the_chief_writes(tmp_path):
                 text=True,
             )
         )
+    return processes
+
+
+@pytest.mark.large
+def test_two_workers_are_preempted_resume_and_only_the_chief_writes(tmp_path):
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    model_dir, export_dir = tmp_path / "run", tmp_path / "export"
+
+    # SIGTERM to the chief once it has a checkpoint: TensorFlow's preemption
+    # handler has every worker save at the same step, and all exit with 75.
+    processes = _launch(tmp_path, workers, model_dir, export_dir)
+    state = model_dir / "checkpoints" / "checkpoint"
+    deadline = time.time() + 300
+    while not state.exists() and processes[0].poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    processes[0].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == checkpointing.PREEMPTED_EXIT_CODE, err[-3000:]
+    assert not (model_dir / "summary.json").exists()
+
+    # The same commands again: both resume from the chief's checkpoint.
+    processes = _launch(tmp_path, workers, model_dir, export_dir)
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
     summary = json.loads((model_dir / "summary.json").read_text())
+    assert 0 < summary["resumed_from_step"] < 3 * 23  # 23 steps per epoch
     assert summary["export_path"].startswith(str(export_dir))
     # One export version, the chief's; the worker wrote only to its temp dir.
     assert sorted(os.listdir(export_dir)) == ["1"]
