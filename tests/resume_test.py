@@ -14,20 +14,21 @@ from conftest import CLI_ENV, REPO, run_module
 
 from galkeras import checkpointing
 
-# digits: 1,437 training images, batch 16 -> 90 steps per epoch, 270 in all.
+# digits: 1,437 training images, batch 32 -> 45 steps per epoch, 90 in all; a
+# warm-up epoch, then an agreement epoch at a tenth of the learning rate.
 FLAGS = [
     "--flagfile=flags/quickstart.flags",
-    "--epochs=3",
+    "--epochs=2",
     "--warmup_epochs=1",
-    "--lr_decay_epochs=2",
-    "--batch_size=16",
+    "--lr_decay_epochs=1",
+    "--batch_size=32",
     "--backbone_width=4",
     "--verbose=0",
     "--log_every_steps=5",
     "--checkpoint_every_steps=7",
     "--deterministic",
 ]
-TOTAL_STEPS = 270
+TOTAL_STEPS = 90
 
 
 def _args(tmp_path, name, *extra):
@@ -116,9 +117,9 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
 
         # The logs hold each epoch and each logged step exactly once.
         history = (tmp_path / name / "history.csv").read_text().splitlines()
-        assert [row.split(",")[0] for row in history[1:]] == ["0", "1", "2"]
+        assert [row.split(",")[0] for row in history[1:]] == ["0", "1"]
         steps = (tmp_path / name / "steps.csv").read_text().splitlines()[1:]
-        assert [int(r.split(",")[0]) for r in steps] == list(range(5, 271, 5))
+        assert [int(r.split(",")[0]) for r in steps] == list(range(5, TOTAL_STEPS + 1, 5))
 
     ref_summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
     for name in ("killed", "preempted"):
