@@ -119,7 +119,9 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
         history = (tmp_path / name / "history.csv").read_text().splitlines()
         assert [row.split(",")[0] for row in history[1:]] == ["0", "1"]
         steps = (tmp_path / name / "steps.csv").read_text().splitlines()[1:]
-        assert [int(r.split(",")[0]) for r in steps] == list(range(5, TOTAL_STEPS + 1, 5))
+        assert [int(r.split(",")[0]) for r in steps] == list(
+            range(5, TOTAL_STEPS + 1, 5)
+        )
 
     ref_summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
     for name in ("killed", "preempted"):
