@@ -652,7 +652,9 @@ def _fit_and_write(
             step,
             steps,
         )
-        run_logging.truncate_logs(model_dir, start_step, steps)
+    # Also at step 0: a run that died before its first checkpoint may have
+    # logged rows that it is about to write again.
+    run_logging.truncate_logs(model_dir, start_step, steps)
     saver = checkpointing.CheckpointCallback(
         run_checkpoint,
         gal,

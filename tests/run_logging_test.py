@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from conftest import tiny_data, tiny_net
 
-from galkeras import GAL, TrainingSet, sampling
+from galkeras import GAL, TrainingSet, run_logging, sampling
 from galkeras.run_logging import EvaluateTestSplit, RunLogger
 
 
@@ -96,3 +96,23 @@ def test_test_evaluator_adds_test_accuracies_beside_validation():
         assert len(history[f"test_{net}_accuracy"]) == 2
         assert history[f"test_{net}_accuracy"][-1] == expected[f"{net}_accuracy"]
         assert f"val_{net}_accuracy" in history
+
+
+def test_truncate_logs_drops_the_rows_a_resumed_run_writes_again(tmp_path):
+    (tmp_path / "history.csv").write_text("epoch,loss\n0,1.0\n1,0.5\n2,0.25\n")
+    (tmp_path / "steps.csv").write_text(
+        "step,epoch,phase\n" + "".join(f"{s},{(s - 1) // 4},x\n" for s in range(1, 11))
+    )
+    # 6 steps done, 4 per epoch: epoch 1 is re-run from its third step.
+    run_logging.truncate_logs(str(tmp_path), start_step=6, steps_per_epoch=4)
+    assert (tmp_path / "history.csv").read_text().splitlines() == [
+        "epoch,loss",
+        "0,1.0",
+    ]
+    steps = (tmp_path / "steps.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in steps] == [1, 2, 3, 4, 5, 6]
+    # Died before the first checkpoint: every row goes.
+    run_logging.truncate_logs(str(tmp_path), start_step=0, steps_per_epoch=4)
+    assert (tmp_path / "history.csv").read_text().splitlines() == ["epoch,loss"]
+    history = run_logging.read_history_csv(str(tmp_path / "history.csv"))
+    assert history == {}
