@@ -761,6 +761,32 @@ def floor_seconds(step_warm, step_gal, refresh, evaluation, steps, epochs, warmu
     return {"with_evaluation": warm + agree, "without_evaluation": no_eval}
 
 
+def schedule_floors(step, refresh, evaluation, steps, epochs, warmup):
+    """The floors of the whole-run schedule from measured parts.
+
+    `step`: seconds of the `ce`, `gal_warmup` and `gal` steps; `refresh`,
+    `evaluation`: seconds with θA alone (`warmup`) and after the split (`split`).
+    Returns the GAL floor, the GAL floor with CE-priced warm-up epochs (θC not
+    trained in warm-up), and the floor of CE as galkeras runs it (W = E).
+    """
+    gal_parts = (
+        (refresh["warmup"], refresh["split"]),
+        (evaluation["warmup"], evaluation["split"]),
+    )
+    ce_parts = ((refresh["warmup"],) * 2, (evaluation["warmup"],) * 2)
+    return {
+        "gal": floor_seconds(
+            step["gal_warmup"], step["gal"], *gal_parts, steps, epochs, warmup
+        ),
+        "gal_ce_warmup": floor_seconds(
+            step["ce"], step["gal"], *gal_parts, steps, epochs, warmup
+        ),
+        "ce_gal": floor_seconds(
+            step["ce"], step["ce"], *ce_parts, steps, epochs, epochs
+        ),
+    }
+
+
 class RunProfile(keras.callbacks.Callback):
     """Where a `fit`'s wall time goes, from callback timestamps.
 
@@ -916,23 +942,13 @@ def part_run(settings, benches, step_result, refresh_result):
         same_round.append(
             {
                 "parts": p,
-                "gal": floor_seconds(
-                    p["step_gal_warmup"],
-                    p["step_gal"],
-                    (p["refresh_warmup"], p["refresh_split"]),
-                    (p["eval_warmup"], p["eval_split"]),
+                **schedule_floors(
+                    {k: p[f"step_{k}"] for k in ("ce", "gal_warmup", "gal")},
+                    {k: p[f"refresh_{k}"] for k in ("warmup", "split")},
+                    {k: p[f"eval_{k}"] for k in ("warmup", "split")},
                     steps,
                     epochs,
                     warmup,
-                ),
-                "ce_gal": floor_seconds(
-                    p["step_ce"],
-                    p["step_ce"],
-                    (p["refresh_warmup"],) * 2,
-                    (p["eval_warmup"],) * 2,
-                    steps,
-                    epochs,
-                    epochs,
                 ),
             }
         )
@@ -978,25 +994,14 @@ def part_run(settings, benches, step_result, refresh_result):
     if step_result and refresh_result:
         s = step_result["backbones"]["small_cnn"]["seconds"]
         f = refresh_result["backbones"]["small_cnn"]["seconds"]
-        refresh = (f["refresh_warmup"], f["refresh_split"])
-        evaluation = (f["eval_warmup"], f["eval_split"])
-        floor = {
-            "gal": floor_seconds(
-                s["gal_warmup"], s["gal"], refresh, evaluation, steps, epochs, warmup
-            ),
-            "gal_ce_warmup": floor_seconds(
-                s["ce"], s["gal"], refresh, evaluation, steps, epochs, warmup
-            ),
-            "ce_gal": floor_seconds(
-                s["ce"],
-                s["ce"],
-                (f["refresh_warmup"],) * 2,
-                (f["eval_warmup"],) * 2,
-                steps,
-                epochs,
-                epochs,
-            ),
-        }
+        floor = schedule_floors(
+            s,
+            {k: f[f"refresh_{k}"] for k in ("warmup", "split")},
+            {k: f[f"eval_{k}"] for k in ("warmup", "split")},
+            steps,
+            epochs,
+            warmup,
+        )
         gal_floor = floor["gal"]["with_evaluation"]
         ratios["gal_wall_over_floor"] = wall["gal"] / gal_floor
         ratios["gal_wall_over_floor_ce_warmup"] = (

@@ -180,17 +180,16 @@ class RunCheckpoint:
 class CheckpointCallback(keras.callbacks.Callback):
     """Saves the run every epoch, every `every_n_steps` steps if > 0, and on SIGTERM.
 
-    Put it after `GAL.fit`'s own driver (it is: the driver comes first), so that a
-    step that stopped the run (`NonFiniteError`) is never saved.
+    It reads the run's step from `gal.global_step`, which `GAL.fit`'s driver
+    keeps; the driver runs before every other callback, so a step that stopped
+    the run (`NonFiniteError`) is never saved.
 
     Args:
-        run_checkpoint: the run's `RunCheckpoint`.
-        gal: the `GAL` being trained (for the sampler's fallback count).
+        run_checkpoint: the run's `RunCheckpoint`, already restored.
+        gal: the `GAL` being trained.
         steps_per_epoch: steps of one epoch.
-        start_step: the global step training starts from (after a restore).
         every_n_steps: also save every this many global steps (0: epochs only).
         cluster_resolver: the strategy's, for the preemption handler.
-        handle_sigterm: install TensorFlow's `PreemptionCheckpointHandler`.
     """
 
     def __init__(
@@ -198,30 +197,27 @@ class CheckpointCallback(keras.callbacks.Callback):
         run_checkpoint,
         gal,
         steps_per_epoch,
-        start_step=0,
         every_n_steps=0,
         cluster_resolver=None,
-        handle_sigterm=True,
-        fallbacks_before=0,
     ):
         super().__init__()
         self.run_checkpoint = run_checkpoint
         self.gal = gal
         self.steps_per_epoch = int(steps_per_epoch)
-        self.step = int(start_step)
         self.every_n_steps = int(every_n_steps)
         self.cluster_resolver = cluster_resolver
-        self.handle_sigterm = handle_sigterm
-        self.fallbacks_before = int(fallbacks_before)
+        # CDAS fallbacks of the run before this process (the sampler counts anew).
+        self._fallbacks_before = int(run_checkpoint.cdas_fallbacks.numpy())
         self._handler = None
         self._previous_sigterm = None
 
-    def _fallbacks(self):
+    def cdas_fallbacks(self):
+        """The run's CDAS fallbacks so far, earlier processes included."""
         sampler = getattr(self.gal, "sampler", None)
-        return self.fallbacks_before + (sampler.fallback_count if sampler else 0)
+        return self._fallbacks_before + (sampler.fallback_count if sampler else 0)
 
     def on_train_begin(self, logs=None):
-        if self.handle_sigterm and self._handler is None:
+        if self._handler is None:
             self._previous_sigterm = signal.getsignal(signal.SIGTERM)
             manager = self.run_checkpoint.manager
 
@@ -238,21 +234,17 @@ class CheckpointCallback(keras.callbacks.Callback):
             )
 
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        self.run_checkpoint.step.assign(self.step)
-        self.run_checkpoint.cdas_fallbacks.assign(self._fallbacks())
-        at_epoch_end = self.step % self.steps_per_epoch == 0  # saved below
-        if (
-            self.every_n_steps
-            and not self.step % self.every_n_steps
-            and not at_epoch_end
-        ):
-            self.run_checkpoint.save(self.step, self._fallbacks())
-        if self._handler is not None:
-            self._handler.save_checkpoint_if_preempted(checkpoint_number=self.step)
+        step, fallbacks = self.gal.global_step, self.cdas_fallbacks()
+        # Current before the preemption handler may save through the manager.
+        self.run_checkpoint.step.assign(step)
+        self.run_checkpoint.cdas_fallbacks.assign(fallbacks)
+        at_epoch_end = step % self.steps_per_epoch == 0  # saved by on_epoch_end
+        if self.every_n_steps and not step % self.every_n_steps and not at_epoch_end:
+            self.run_checkpoint.save(step, fallbacks)
+        self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.run_checkpoint.save(self.step, self._fallbacks())
+        self.run_checkpoint.save(self.gal.global_step, self.cdas_fallbacks())
 
     def close(self):
         """Gives SIGTERM back to whoever had it before training."""

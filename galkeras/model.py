@@ -525,12 +525,13 @@ class GAL(keras.Model):
         grads = self.twins_loss_scale.unscale(tape.gradient(scaled, variables))
 
         def update(step_ok):
-            gates = None
+            finite = None
             if self.loss_scaling:
-                finite = _all_replicas_finite(all_finite(grads))
-                gates = tf.fill([len(variables)], self.twins_loss_scale.update(finite))
-            self._apply(
-                self.optimizer, grads, variables, self._slots[0], gates, step_ok
+                finite = self.twins_loss_scale.update(
+                    _all_replicas_finite(all_finite(grads))
+                )
+            self._gated_apply(
+                self.optimizer, grads, variables, self._slots[0], None, step_ok, finite
             )
 
         return {"twin_a": self._fault_free(loss, grads)}, [update]
@@ -602,75 +603,48 @@ class GAL(keras.Model):
         }
 
         def update(step_ok):
-            self._update_twins(
-                (grads_a, vars_a, slots_a), (grads_b, vars_b, slots_b), gates, step_ok
-            )
-
-        def update_float16(step_ok):
-            # float16: a step with a non-finite gradient in either twin is
-            # skipped for both, weights and slots bit-identical (the skip path),
-            # and the scale halves. `finite` is global: the gradients were
-            # all-reduced.
-            finite = scale.update(all_finite(global_a) & all_finite(global_b))
-            ga, gb, g = grads_a, grads_b, gates
-            if self.masked_update == "zero_grad" and self.update_rule != "all":
-                ga = [x * tf.cast(s, x.dtype) for x, s in zip(ga, tf.unstack(g))]
-                gb = [x * tf.cast(s, x.dtype) for x, s in zip(gb, tf.unstack(g))]
-                g = tf.ones_like(g)
-            elif self.update_rule == "all":
-                g = tf.ones_like(g)
-            g = tf.logical_and(g, finite)
+            finite = None
+            if self.loss_scaling:
+                # float16: a step with a non-finite gradient in either twin is
+                # skipped for both, weights and slots bit-identical (the skip
+                # path), and the scale halves. `finite` is global: the gradients
+                # were all-reduced.
+                finite = scale.update(all_finite(global_a) & all_finite(global_b))
             for optimizer, grads, variables, slots in (
-                (self.optimizer, ga, vars_a, slots_a),
-                (self.optimizer_b, gb, vars_b, slots_b),
+                (self.optimizer, grads_a, vars_a, slots_a),
+                (self.optimizer_b, grads_b, vars_b, slots_b),
             ):
-                if step_ok is None:
-                    self._skip_apply(optimizer, grads, variables, slots, g)
-                else:  # skip_step: a faulty step moves no iteration counter either
-                    self._apply(optimizer, grads, variables, slots, g, step_ok)
+                self._gated_apply(
+                    optimizer, grads, variables, slots, gates, step_ok, finite
+                )
 
-        return faults, [update_float16 if self.loss_scaling else update]
+        return faults, [update]
 
-    def _update_twins(self, a, b, gates, step_ok):
-        """The twins' gated updates (float32 and bfloat16); `a`, `b`: each twin's
-        `(grads, variables, slots)`."""
-        for optimizer, (grads, variables, slots) in (
-            (self.optimizer, a),
-            (self.optimizer_b, b),
-        ):
-            if step_ok is None:
-                self._gated_apply(optimizer, grads, variables, slots, gates)
-                continue
-            # skip_step: the gates as usual, and-ed with the step's verdict.
-            if self.update_rule == "all":
-                self._apply(optimizer, grads, variables, slots, None, step_ok)
-            elif self.masked_update == "zero_grad":
-                grads = [
-                    g * tf.cast(s, g.dtype) for g, s in zip(grads, tf.unstack(gates))
-                ]
-                self._apply(optimizer, grads, variables, slots, None, step_ok)
-            else:
-                self._apply(optimizer, grads, variables, slots, gates, step_ok)
-
-    def _gated_apply(self, optimizer, grads, variables, slots, gates):
+    def _gated_apply(
+        self, optimizer, grads, variables, slots, gates, step_ok=None, finite=None
+    ):
         """Applies `grads` to the variables whose gate is open.
 
         `zero_grad`: the gradient is multiplied by the gate and the optimizer steps
         as usual. `skip`: the optimizer steps, then every gated-off variable and
         all its slots are put back to their values before the step, so they stay
         bit-identical whatever the optimizer does (momentum, Adam moments, weight
-        decay).
+        decay). The `all` rule opens every gate.
+
+        `finite` (float16 loss scaling) and `step_ok` (`skip_step`), when given,
+        are scalar bools that close every gate of a step that fails them.
         """
-        if self.update_rule == "all":
-            optimizer.apply(grads, variables)
-            return
-        if self.masked_update == "zero_grad":
-            optimizer.apply(
-                [g * tf.cast(s, g.dtype) for g, s in zip(grads, tf.unstack(gates))],
-                variables,
+        open_gates = None if self.update_rule == "all" else gates
+        if open_gates is not None and self.masked_update == "zero_grad":
+            grads = [g * tf.cast(s, g.dtype) for g, s in zip(grads, tf.unstack(gates))]
+            open_gates = None
+        if finite is not None:
+            open_gates = (
+                tf.fill([len(variables)], finite)
+                if open_gates is None
+                else tf.logical_and(open_gates, finite)
             )
-            return
-        self._skip_apply(optimizer, grads, variables, slots, gates)
+        self._apply(optimizer, grads, variables, slots, open_gates, step_ok)
 
     def _skip_apply(self, optimizer, grads, variables, slots, gates):
         """The `skip` update: the optimizer steps, then every gated-off variable
@@ -719,12 +693,17 @@ class GAL(keras.Model):
         self.last_step["student_loss"].assign(loss)
 
         def update(step_ok):
-            gates = None
+            finite = None
             if self.loss_scaling:
-                finite = _all_replicas_finite(all_finite(grads))
-                gates = tf.fill([len(variables)], scale.update(finite))
-            self._apply(
-                self.student_optimizer, grads, variables, self._slots[2], gates, step_ok
+                finite = scale.update(_all_replicas_finite(all_finite(grads)))
+            self._gated_apply(
+                self.student_optimizer,
+                grads,
+                variables,
+                self._slots[2],
+                None,
+                step_ok,
+                finite,
             )
 
         return {"student": self._fault_free(loss, grads)}, update
@@ -1184,7 +1163,6 @@ class _GALDriver(keras.callbacks.Callback):
         self._resume_step = int(resume_step)
         self._start_step = 0
         self._started = False
-        self.global_step = 0
         self._nonfinite_seen = 0
 
     def start_step(self):
@@ -1198,12 +1176,12 @@ class _GALDriver(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         steps = self._training_set.steps_per_epoch
         mid_epoch = epoch * steps < self._resume_step < (epoch + 1) * steps
+        first_step = self._resume_step if mid_epoch else epoch * steps
         if not self._started:
-            self._start_step = self._resume_step if mid_epoch else epoch * steps
+            self._start_step = first_step
             self._started = True
         self.epoch = epoch
-        self.global_step = self._start_step if mid_epoch else epoch * steps
-        self._gal.global_step = self.global_step
+        self._gal.global_step = first_step
         self._gal.enter_epoch(epoch)
         self._gal.variable_open_fraction.reset_state()
         if mid_epoch:
@@ -1213,8 +1191,7 @@ class _GALDriver(keras.callbacks.Callback):
             self._gal.refresh_pseudo_labels(self._training_set)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.global_step += 1
-        self._gal.global_step = self.global_step
+        self._gal.global_step += 1
         if self._gal.on_nonfinite != "stop":
             return
         count = int(self._gal.nonfinite_steps.numpy())
@@ -1223,9 +1200,9 @@ class _GALDriver(keras.callbacks.Callback):
             steps = self._training_set.steps_per_epoch
             raise NonFiniteError(
                 epoch=self.epoch + 1,
-                step=self.global_step - self.epoch * steps,
+                step=self._gal.global_step - self.epoch * steps,
                 steps_per_epoch=steps,
-                global_step=self.global_step,
+                global_step=self._gal.global_step,
                 networks=[n for i, n in enumerate(NETWORK_NAMES) if bits >> i & 1],
             )
 

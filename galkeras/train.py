@@ -76,6 +76,7 @@ AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
+LOCK_FILE = ".galkeras.lock"  # checkpointing.LOCK_FILE
 ON_NONFINITE = ("stop", "skip_step")
 # Flags that may differ when a run resumes: where things are, how much is
 # printed and logged, how often it checkpoints, the hardware it runs on, and what
@@ -264,7 +265,7 @@ def resume_problems(config):
     if not directory or not os.path.isdir(directory):
         return []
     # A lock alone: another process has just started this run (the lock says so).
-    if not set(os.listdir(directory)) - {".galkeras.lock"}:
+    if not set(os.listdir(directory)) - {LOCK_FILE}:
         return []
     started = os.path.join(directory, "config.json")
     if not os.path.isfile(started):
@@ -306,6 +307,14 @@ class RunFinished(Exception):
         )
 
 
+def _refuse_finished(model_dir):
+    """Raises `RunFinished` if `model_dir` holds a finished run's summary."""
+    summary_path = os.path.join(model_dir, "summary.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            raise RunFinished(model_dir, json.load(f))
+
+
 def run_name(config, dataset_name):
     rate = round(config.noise_rate * 100)
     return f"{dataset_name}_{config.noise_type}{rate}_s{config.seed}"
@@ -333,6 +342,8 @@ def run(config):
     # Before any other TensorFlow op: a multi-worker strategy configures the
     # collective runtime, which must happen at program start-up.
     strategy = make_strategy(config.strategy)
+    from galkeras.checkpointing import RunInUse
+
     if config.deterministic:
         import tensorflow as tf
 
@@ -343,7 +354,7 @@ def run(config):
         *prepared, lock = _prepare(config, is_chief(strategy))
     except RunFinished as finished:
         return {**finished.summary, "already_finished": str(finished)}
-    except (ValueError, RuntimeError) as error:  # DatasetError, RunInUse
+    except (ValueError, RunInUse) as error:  # includes DatasetError
         raise ConfigError(str(error)) from error
     if config.dry_run:
         config = dry_run_config(config)
@@ -481,11 +492,7 @@ def _prepare(config, chief=True):
     export_dir = config.export_dir or os.path.join("saved_models", name)
     lock = None
     if not chief and not config.dry_run and config.model_dir:
-        # A worker finds the chief's run on the shared --model_dir.
-        summary_path = os.path.join(config.model_dir, "summary.json")
-        if os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                raise RunFinished(config.model_dir, json.load(f))
+        _refuse_finished(config.model_dir)  # the chief's, on the shared --model_dir
     if config.dry_run or not chief:  # writes nothing where a real run would
         kind = "dry-run" if config.dry_run else "worker"
         model_dir = tempfile.mkdtemp(prefix=f"galkeras-{kind}-{name}-")
@@ -495,10 +502,7 @@ def _prepare(config, chief=True):
         if config.new_run and started:
             model_dir = f"{model_dir.rstrip(os.sep)}-{stamp}"
             logging.warning("--new_run: this run goes to %s.", model_dir)
-        summary_path = os.path.join(model_dir, "summary.json")
-        if os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                raise RunFinished(model_dir, json.load(f))
+        _refuse_finished(model_dir)
         checkpointing.check_writable(model_dir, "--model_dir")
         export.check_export_base(export_dir)
         lock = checkpointing.RunLock(model_dir).acquire()
@@ -659,10 +663,8 @@ def _fit_and_write(
         run_checkpoint,
         gal,
         steps,
-        start_step=start_step,
         every_n_steps=config.checkpoint_every_steps,
         cluster_resolver=getattr(strategy, "cluster_resolver", None),
-        fallbacks_before=int(run_checkpoint.cdas_fallbacks.numpy()),
     )
     started = time.time()
     evaluation = {
@@ -712,6 +714,7 @@ def _fit_and_write(
     finally:
         saver.close()
     seconds = time.time() - started
+    trained_epochs = config.epochs - start_step / steps
     # The whole run's epochs, including those before a resume.
     history = run_logging.read_history_csv(history_csv)
 
@@ -734,11 +737,10 @@ def _fit_and_write(
             "noise_rate_actual": noise_rate_actual,
             "epochs": config.epochs,
             # Of the epochs trained by this process (all, unless resumed).
-            "seconds_per_epoch": seconds
-            / max(config.epochs - start_step / steps, 1e-9),
+            "seconds_per_epoch": seconds / trained_epochs if trained_epochs else None,
             "resumed_from_step": start_step,
             "nonfinite_steps": int(gal.nonfinite_steps.numpy()),
-            "cdas_fallbacks": saver._fallbacks(),
+            "cdas_fallbacks": saver.cdas_fallbacks(),
             "skipped_images": data.skipped_images,
             "reported_network": reported_network(config),
             "dry_run": config.dry_run,

@@ -4,10 +4,9 @@ machine and its load."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,17 +27,10 @@ STEP_TIMED = {
 
 @pytest.mark.large
 def test_tiny_performance_benchmark_writes_every_part(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "performance.py"),
-            "--tiny",
-            f"--out={tmp_path}",
-        ],
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_python(
+        os.path.join(ROOT, "benchmarks", "performance.py"),
+        "--tiny",
+        f"--out={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

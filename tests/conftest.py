@@ -55,11 +55,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_module(module, *args, cwd=REPO, timeout=600):
     """`python -m <module> <args>` in a subprocess; its `CompletedProcess`."""
+    return run_python("-m", module, *args, cwd=cwd, timeout=timeout)
+
+
+def run_python(*args, cwd=REPO, timeout=600):
+    """`python <args>` in a subprocess with `CLI_ENV`; its `CompletedProcess`."""
     import subprocess
     import sys
 
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [sys.executable, *args],
         cwd=cwd,
         env=CLI_ENV,
         capture_output=True,

@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NPZ = os.path.join(ROOT, "..", "shared", "data", "fashion_mnist.npz")
@@ -15,16 +14,10 @@ NPZ = os.path.join(ROOT, "..", "shared", "data", "fashion_mnist.npz")
 def test_quick_benchmark_runs_and_ce_memorises(tmp_path):
     assert os.path.exists(NPZ), f"{NPZ} is missing: ../shared must sit beside the repo"
     out = tmp_path / "bench"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "memorisation.py"),
-            "--quick",
-            f"--out={out}",
-        ],
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
+    result = run_python(
+        os.path.join(ROOT, "benchmarks", "memorisation.py"),
+        "--quick",
+        f"--out={out}",
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from conftest import CLI_ENV, run_module, tiny_run_config
 
-from galkeras import agreement, augment, backbones, model, noise, sampling, train
+from galkeras import (
+    agreement,
+    augment,
+    backbones,
+    checkpointing,
+    model,
+    noise,
+    sampling,
+    train,
+)
 
 ENV = CLI_ENV
 
@@ -25,6 +34,8 @@ def test_cli_choices_match_the_library():
     assert train.UPDATE_RULES == agreement.UPDATE_RULES
     assert train.SAMPLING_MODES == sampling.SAMPLING_MODES
     assert train.MASKED_UPDATES == model.MASKED_UPDATES
+    assert train.ON_NONFINITE == model.ON_NONFINITE
+    assert train.LOCK_FILE == checkpointing.LOCK_FILE
     assert train.AUGMENTATIONS == ("auto", *augment.AUGMENTATIONS)
 
 
