@@ -89,3 +89,62 @@ class TrainingSet:
     def steps_per_epoch(self):
         """⌈N / batch_size⌉: a GAL epoch has as many steps as a CE epoch (spec)."""
         return -(-self.num_examples // self.batch_size)
+
+
+# Mixed into `--seed` so that the held-out draw is independent of the other
+# stratified splits a source may make under the same seed (`folder:`'s test split).
+HELDOUT_SEED_STREAM = 1
+
+
+def noisy_holdout_split(noisy_labels, fraction, seed):
+    """Splits the noisy training set into the ids trained on and the ids held out.
+
+    Model selection without clean data: a stratified share `fraction` of the
+    training set, stratified by the *noisy* label, is never trained on and is
+    evaluated every epoch against its noisy labels; the epoch where that
+    accuracy peaks selects the reported test accuracy. Class j holds out
+    `round(fraction * n_j)` of its `n_j` samples (Python's round: halves go to
+    the even number). The split is a pure function of `noisy_labels`,
+    `fraction` and `seed`, so a resumed run makes the same one.
+
+    Args:
+        noisy_labels: int array `[N]`, the labels training would see.
+        fraction: float in `[0, 0.5)`; 0 holds out nothing.
+        seed: int, the run's seed.
+
+    Returns:
+        `(train_ids, heldout_ids)`, sorted int64 arrays that partition
+        `range(N)`.
+    """
+    from galkeras.datasets.base import stratified_split
+
+    noisy_labels = np.asarray(noisy_labels)
+    if not fraction:
+        return np.arange(len(noisy_labels), dtype=np.int64), np.zeros(0, np.int64)
+    return stratified_split(noisy_labels, fraction, [seed, HELDOUT_SEED_STREAM])
+
+
+def holdout_problems(noisy_labels, heldout_ids, class_names=None):
+    """Messages naming each class that a held-out split leaves without a training
+    sample or without a held-out sample (empty when every class present in
+    `noisy_labels` has both).
+
+    Args:
+        noisy_labels: int array `[N]`.
+        heldout_ids: int array, the held-out ids (`noisy_holdout_split`).
+        class_names: optional sequence of class names, indexed by class id.
+    """
+    noisy_labels = np.asarray(noisy_labels)
+    held = np.zeros(len(noisy_labels), bool)
+    held[np.asarray(heldout_ids, np.int64)] = True
+    problems = []
+    for label in np.unique(noisy_labels):
+        members = noisy_labels == label
+        total, heldout = int(members.sum()), int((members & held).sum())
+        if 0 < heldout < total:
+            continue
+        name = str(class_names[label]) if class_names is not None else str(label)
+        named = f"class {label}" + (f" ({name!r})" if name != str(label) else "")
+        side = "no held-out sample" if heldout == 0 else "no training sample"
+        problems.append(f"{named}: {total} noisy-labelled samples, {side}")
+    return problems

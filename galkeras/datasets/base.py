@@ -508,8 +508,8 @@ def stratified_split(labels, test_fraction, seed, min_test_per_class=0):
     Args:
         labels: 1-D integer array.
         test_fraction: float in `[0, 1]`.
-        seed: int. Seed of `np.random.default_rng`; the classes are permuted
-            in increasing class order from one generator.
+        seed: int, or a sequence of ints. Seed of `np.random.default_rng`; the
+            classes are permuted in increasing class order from one generator.
         min_test_per_class: int. At least this many of each class go to test.
 
     Returns:
