@@ -2,15 +2,16 @@
 TensorBoard (next to Keras' `CSVLogger` history), and the test split evaluated
 beside a validation split.
 
-What is logged (issue #4):
+What is logged:
 - every `every_n_steps` steps, the step's own values (not epoch means): the twins'
   and θC's losses, the agreement ratio as a share of variables and of scalar
   parameters (Figure 1), the share of variables updated, and a histogram of the
   per-variable agreement cosines (Eq. 4); during warm-up the twins see identical
   batches, so the agreement ratio is 1 by definition (Figure 1's early plateau);
 - every epoch, every value in Keras' logs: the training means, the test (or
-  validation) accuracy of θA, θB, joint and θC, and the pseudo-labels' coverage
-  and, when clean labels are known, precision.
+  validation) accuracy of θA, θB, joint and θC (and, with a noisy held-out split,
+  their accuracy on its noisy labels), and the pseudo-labels' coverage and, when
+  clean labels are known, precision.
 
 `steps.csv` columns: `step, epoch, phase` and the `STEP_COLUMNS`.
 """
@@ -106,24 +107,28 @@ class RunLogger(keras.callbacks.Callback):
 
 
 class EvaluateTestSplit(keras.callbacks.Callback):
-    """Evaluates a test split at every epoch end, beside Keras' validation split,
-    and adds the results to the epoch logs as `test_*` (θA, θB, joint and θC
-    accuracy). Put it before callbacks that read the logs (CSVLogger, RunLogger).
+    """Evaluates a further split at every epoch end, beside Keras' validation
+    split, and adds the results to the epoch logs under `prefix` (θA, θB, joint
+    and θC accuracy, θC's loss): the test split as `test_*` when the validation
+    split is a clean one, or the noisy held-out split as `heldout_*`. Put it
+    before callbacks that read the logs (CSVLogger, RunLogger).
 
     Args:
         gal: the `galkeras.GAL` model being fitted.
         dataset: `(image, label)` batches, e.g. `sampling.evaluation_dataset`.
+        prefix: str, the prefix of the log keys.
     """
 
-    def __init__(self, gal, dataset):
+    def __init__(self, gal, dataset, prefix="test_"):
         super().__init__()
         self.gal = gal
         self.dataset = dataset
+        self.prefix = prefix
 
     def on_epoch_end(self, epoch, logs=None):
         results = self.gal.evaluate(self.dataset, verbose=0, return_dict=True)
         if logs is not None:
-            logs.update({f"test_{k}": v for k, v in results.items()})
+            logs.update({f"{self.prefix}{k}": v for k, v in results.items()})
 
 
 def read_history_csv(path):

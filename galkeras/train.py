@@ -7,6 +7,7 @@ This is the only module that reads absl `FLAGS`. `main` turns them into a
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 import tempfile
@@ -31,6 +32,7 @@ _DEFAULTS = dict(
     pretrained_weights="",
     image_size=(),
     validation_split=0.2,
+    noisy_validation_split=0.0,
     labels_csv="",
     skip_corrupt_images=False,
     epochs=30,
@@ -114,6 +116,7 @@ class TrainConfig:
     pretrained_weights: str = _DEFAULTS["pretrained_weights"]
     image_size: tuple = _DEFAULTS["image_size"]
     validation_split: float = _DEFAULTS["validation_split"]
+    noisy_validation_split: float = _DEFAULTS["noisy_validation_split"]
     labels_csv: str = _DEFAULTS["labels_csv"]
     skip_corrupt_images: bool = _DEFAULTS["skip_corrupt_images"]
     epochs: int = _DEFAULTS["epochs"]
@@ -224,6 +227,12 @@ def config_problems(config):
         f"--validation_split={c.validation_split} must be in (0, 1).",
     )
     need(
+        0.0 <= c.noisy_validation_split < 0.5,
+        f"--noisy_validation_split={c.noisy_validation_split} must be in [0, 0.5): "
+        "the share of the noisy training set held out for model selection "
+        "(0: none).",
+    )
+    need(
         not c.labels_csv or os.path.isfile(c.labels_csv),
         f"--labels_csv={c.labels_csv} does not exist.",
     )
@@ -280,10 +289,14 @@ def resume_problems(config):
     except (OSError, ValueError) as error:
         return [f"{started} is unreadable ({error}); cannot resume that run."]
     now = json.loads(json.dumps(dataclasses.asdict(config)))
+    # A flag missing from config.json is younger than the run, which therefore
+    # ran with the flag's default (new flags default to the old behaviour).
+    defaults = json.loads(json.dumps(_DEFAULTS))
     changed = [
-        f"  --{name}: {before.get(name)!r} when the run started, now {now[name]!r}"
+        f"  --{name}: {before.get(name, defaults[name])!r} when the run started, "
+        f"now {now[name]!r}"
         for name in now
-        if name not in RESUME_NEUTRAL and before.get(name) != now[name]
+        if name not in RESUME_NEUTRAL and before.get(name, defaults[name]) != now[name]
     ]
     if not changed:
         return []
@@ -476,15 +489,17 @@ def _prepare(config, chief=True):
         )
     else:
         data = load_dataset(config.dataset, **options)
-    if config.batch_size > data.num_train and not config.dry_run:
-        raise ValueError(
-            f"--batch_size={config.batch_size} exceeds the {data.num_train} training "
-            f"images of {data.name}."
-        )
     noisy, clean = training_labels(data, config)
     noise_rate_actual = (
         noise.actual_noise_rate(clean, noisy) if clean is not None else None
     )
+    split = heldout_split(config, data, noisy)
+    if config.batch_size > len(split[0]) and not config.dry_run:
+        left = " left after --noisy_validation_split" if len(split[1]) else ""
+        raise ValueError(
+            f"--batch_size={config.batch_size} exceeds the {len(split[0])} training "
+            f"images of {data.name}{left}."
+        )
 
     name = run_name(config, data.name)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -512,15 +527,63 @@ def _prepare(config, chief=True):
             os.path.join(model_dir, "labels.npz"),
             noisy_labels=noisy,
             **({"clean_labels": clean} if clean is not None else {}),
+            **({"heldout_ids": split[1]} if config.noisy_validation_split else {}),
         )
         with open(os.path.join(model_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=2)
 
-    return data, noisy, clean, noise_rate_actual, model_dir, export_dir, lock
+    return data, noisy, clean, split, noise_rate_actual, model_dir, export_dir, lock
+
+
+def heldout_split(config, data, noisy):
+    """`(train_ids, heldout_ids)` of `--noisy_validation_split` over the noisy
+    training set (`training_set.noisy_holdout_split`, under `--seed`).
+
+    Raises:
+        DatasetError: naming each class left without a training or a held-out
+            sample. A dry run's few stand-in images cannot be split: it trains on
+            all of them and evaluates the held-out path on all of them too.
+    """
+    import numpy as np
+
+    from galkeras.datasets import DatasetError
+    from galkeras.training_set import holdout_problems, noisy_holdout_split
+
+    fraction = config.noisy_validation_split
+    train_ids, heldout_ids = noisy_holdout_split(noisy, fraction, config.seed)
+    if not fraction:
+        return train_ids, heldout_ids
+    problems = holdout_problems(noisy, heldout_ids, data.class_names)
+    if problems and config.dry_run:
+        everything = np.arange(len(noisy), dtype=np.int64)
+        return everything, everything
+    if problems:
+        raise DatasetError(
+            f"--noisy_validation_split={fraction} leaves classes of {data.name} "
+            "without a training or a held-out sample (class j holds out "
+            "round(f * n_j) of its n_j samples):\n  "
+            + "\n  ".join(problems)
+            + "\nChoose a --noisy_validation_split that holds out at least one "
+            "sample of every class, or 0 to hold out none."
+        )
+    return train_ids, heldout_ids
+
+
+def _subset(images, ids):
+    """`images[ids]`: an array's rows, or an `ImageFiles`' files (undecoded)."""
+    return images.subset(ids) if hasattr(images, "subset") else images[ids]
 
 
 def _train(
-    config, strategy, data, noisy, clean, noise_rate_actual, model_dir, export_dir
+    config,
+    strategy,
+    data,
+    noisy,
+    clean,
+    split,
+    noise_rate_actual,
+    model_dir,
+    export_dir,
 ):
     import keras
 
@@ -537,6 +600,7 @@ def _train(
             data,
             noisy,
             clean,
+            split,
             noise_rate_actual,
             model_dir,
             export_dir,
@@ -546,7 +610,15 @@ def _train(
 
 
 def _fit_and_write(
-    config, strategy, data, noisy, clean, noise_rate_actual, model_dir, export_dir
+    config,
+    strategy,
+    data,
+    noisy,
+    clean,
+    split,
+    noise_rate_actual,
+    model_dir,
+    export_dir,
 ):
     import keras
 
@@ -599,14 +671,18 @@ def _fit_and_write(
             seed=config.seed,
             on_nonfinite=config.on_nonfinite,
         )
+        # The held-out samples are never trained on: not in the batches, not in
+        # θC's pseudo-label table, not in its statistics.
+        train_ids, heldout_ids = split
+        whole = len(train_ids) == len(noisy)
         training_set = TrainingSet(
-            data.x_train,
-            noisy,
+            data.x_train if whole else _subset(data.x_train, train_ids),
+            noisy[train_ids],
             batch_size=config.batch_size,
             sampling=config.sampling,
             seed=config.seed,
             augment=augment.make_augment(_augment_kind(config, data), data.image_shape),
-            clean_labels=clean,
+            clean_labels=clean if clean is None or whole else clean[train_ids],
             num_classes=data.num_classes,
         )
         schedule = optimizers.piecewise_epoch_schedule(
@@ -623,9 +699,11 @@ def _fit_and_write(
                 weight_decay_mode=config.weight_decay_mode,
             )
         )
-        gal.ensure_pseudo_label_table(len(noisy), data.num_classes)
+        gal.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
     run_checkpoint = checkpointing.RunCheckpoint(
-        gal, os.path.join(model_dir, checkpointing.CHECKPOINT_DIR), noisy
+        gal,
+        os.path.join(model_dir, checkpointing.CHECKPOINT_DIR),
+        training_set.labels,
     )
     chief = is_chief(strategy)
     # Non-chief workers of a multi-worker run write to a temporary directory and
@@ -692,6 +770,15 @@ def _fit_and_write(
     ]
     if "validation" in evaluation:
         callbacks.insert(0, run_logging.EvaluateTestSplit(gal, evaluation["test"]))
+    if len(heldout_ids):
+        # Model selection without clean data: the held-out samples against
+        # their noisy labels, under `heldout_*` keys.
+        heldout = sampling.evaluation_dataset(
+            _subset(data.x_train, heldout_ids), noisy[heldout_ids], config.batch_size
+        )
+        callbacks.insert(
+            0, run_logging.EvaluateTestSplit(gal, heldout, prefix=HELDOUT_PREFIX)
+        )
     # Last, so that an epoch's logs are written before its checkpoint.
     callbacks.append(saver)
     try:
@@ -728,9 +815,11 @@ def _fit_and_write(
         export_path = export.export_classifier(
             gal.student, export_dir, data.class_names
         )
-    summary = summarise(history, config.warmup_epochs)
+    summary = summarise(history, config.warmup_epochs, reported_network(config))
     summary.update(
         {
+            "train_examples": training_set.num_examples,
+            "heldout_examples": len(heldout_ids),
             "dataset": data.name,
             "noise_type": config.noise_type,
             "noise_rate": config.noise_rate,
@@ -788,6 +877,10 @@ def per_variable_agreement_logger(gal, path):
 
 
 NETWORKS = ("twin_a", "twin_b", "joint", "student")
+# History keys of the noisy held-out split (`--noisy_validation_split`).
+HELDOUT_PREFIX = "heldout_"
+# `last10`: the mean test accuracy over this many last epochs.
+LAST_EPOCHS = 10
 
 
 def reported_network(config):
@@ -799,23 +892,53 @@ def reported_network(config):
     return "student" if config.train_student else "joint"
 
 
-def summarise(history, warmup_epochs):
-    """Best, last and best − last test accuracy (percent) of each network (Table 1
-    layout), and the mean agreement ratios over the agreement phase.
+def summarise(history, warmup_epochs, reported="student"):
+    """Test accuracy (percent) of each network under the evaluation protocols, and
+    the mean agreement ratios over the agreement phase.
 
-    With a validation split (`test_*` keys beside `val_*`), best and last are of
-    the test accuracies, and `model_selection` gives θC's test accuracy at the
-    epoch of its best validation accuracy (Clothing1M's protocol, Table 3).
+    Per network (Table 1 layout):
+    - `best`: at the epoch of best *test* accuracy, so selected on the test set
+      (the paper's number; no practitioner can choose an epoch that way);
+    - `last`: at the last epoch; `best_minus_last`;
+    - `last10`: the mean over the last `LAST_EPOCHS` epochs (all, when fewer);
+    - with a noisy held-out split (`heldout_*` keys): `selected`, at the epoch
+      where that network's accuracy on the held-out noisy labels peaks (the
+      first such epoch), and `selected_epoch` (1-based). `selection` records the
+      epoch of the `reported` network, whose `selected` is the run's result.
+
+    With a clean validation split (`test_*` keys beside `val_*`), the test
+    accuracies are the `test_*` ones, and `model_selection` gives θC's test
+    accuracy at the epoch of its best validation accuracy (Clothing1M's
+    protocol, Table 3).
     """
     summary = {}
     prefix = "test_" if "test_student_accuracy" in history else "val_"
     for net in NETWORKS:
         accuracies = [100.0 * a for a in history[f"{prefix}{net}_accuracy"]]
         best, last = max(accuracies), accuracies[-1]
-        summary[net] = {"best": best, "last": last, "best_minus_last": best - last}
+        recent = accuracies[-LAST_EPOCHS:]
+        summary[net] = {
+            "best": best,
+            "last": last,
+            "best_minus_last": best - last,
+            "last10": sum(recent) / len(recent),
+        }
+        heldout = history.get(f"{HELDOUT_PREFIX}{net}_accuracy")
+        if heldout:
+            epoch = _peak_epoch(heldout)
+            summary[net].update(selected=accuracies[epoch], selected_epoch=epoch + 1)
+    heldout = history.get(f"{HELDOUT_PREFIX}{reported}_accuracy")
+    if heldout:
+        epoch = _peak_epoch(heldout)
+        summary["selection"] = {
+            "monitor": f"{HELDOUT_PREFIX}{reported}_accuracy",
+            "epoch": epoch + 1,
+            "heldout_accuracy": 100.0 * heldout[epoch],
+            "test_accuracy": summary[reported]["selected"],
+        }
     if prefix == "test_":
         validation = history["val_student_accuracy"]
-        epoch = max(range(len(validation)), key=validation.__getitem__)
+        epoch = _peak_epoch(validation)
         summary["model_selection"] = {
             "monitor": "val_student_accuracy",
             "epoch": epoch + 1,
@@ -829,13 +952,44 @@ def summarise(history, warmup_epochs):
     return summary
 
 
+def _peak_epoch(values):
+    """The 0-based index of the first maximum of `values`, NaN never chosen."""
+    return max(
+        range(len(values)),
+        key=lambda i: -math.inf if math.isnan(values[i]) else values[i],
+    )
+
+
 def format_summary(summary):
     """The summary as a small table for the terminal."""
-    lines = [f"{'network':<10}{'best':>8}{'last':>8}{'best-last':>11}"]
+    with_selected = "selected" in summary[NETWORKS[0]]
+    header = f"{'network':<10}{'best*':>8}{'last':>8}{'last10':>8}{'best-last':>11}"
+    lines = [header + (f"{'selected':>10}" if with_selected else "")]
     for net in NETWORKS:
         s = summary[net]
+        # Summaries written before `last10` existed have none.
+        last10 = f"{s['last10']:>8.2f}" if "last10" in s else f"{'n/a':>8}"
+        line = f"{net:<10}{s['best']:>8.2f}{s['last']:>8.2f}{last10}"
+        line += f"{s['best_minus_last']:>11.2f}"
+        if with_selected:
+            line += f"{s['selected']:>10.2f}"
+        lines.append(line)
+    lines.append(
+        "* best is test-selected (the epoch of best test accuracy); last10: mean of "
+        f"the last {LAST_EPOCHS} epochs"
+        + (
+            "; selected: at the epoch of best noisy held-out accuracy"
+            if with_selected
+            else ""
+        )
+        + "."
+    )
+    selection = summary.get("selection")
+    if selection:
         lines.append(
-            f"{net:<10}{s['best']:>8.2f}{s['last']:>8.2f}{s['best_minus_last']:>11.2f}"
+            f"{summary['reported_network']} test accuracy at its best noisy "
+            f"held-out epoch ({selection['epoch']}): {selection['test_accuracy']:.2f} "
+            f"(held-out {selection['heldout_accuracy']:.2f})"
         )
     selection = summary.get("model_selection")
     if selection:
@@ -937,6 +1091,13 @@ def define_flags(flag_values=None):
     define.list("image_size", [], "folder: H,W to resize to (default: first).")
     define.float(
         "validation_split", d["validation_split"], "folder: test share without test/."
+    )
+    define.float(
+        "noisy_validation_split",
+        d["noisy_validation_split"],
+        "Share in [0, 0.5) of the noisy training set held out (stratified by the "
+        "noisy label, never trained on) and evaluated every epoch on its noisy "
+        "labels; summary.json's `selected` is the test accuracy at its best epoch.",
     )
     define.string("labels_csv", d["labels_csv"], "folder: CSV of path,label.")
     define.bool(

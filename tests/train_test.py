@@ -17,6 +17,7 @@ from galkeras import (
     checkpointing,
     model,
     noise,
+    run_logging,
     sampling,
     train,
 )
@@ -294,3 +295,146 @@ def test_deterministic_runs_are_bit_identical(tmp_path):
         for key in ("seconds_per_epoch", "model_dir", "export_path"):
             summary.pop(key)
     assert summaries[0] == summaries[1]
+
+
+def _history(test, heldout=None, agreement=None):
+    """A `history.csv` dict: the same test (and held-out) fractions for every
+    network, θC's scaled by a half so that the networks differ."""
+    history = {}
+    for net in train.NETWORKS:
+        scale = 0.5 if net == "student" else 1.0
+        history[f"val_{net}_accuracy"] = [scale * a for a in test]
+        if heldout is not None:
+            history[f"heldout_{net}_accuracy"] = list(heldout)
+    history["agreement_ratio"] = agreement or [1.0] * len(test)
+    history["agreement_param_ratio"] = agreement or [1.0] * len(test)
+    return history
+
+
+def test_summarise_last10_and_selected_by_hand():
+    # 12 epochs: last10 averages epochs 3..12; the held-out accuracy peaks
+    # first at epoch 4 (index 3), where the test accuracy is 0.30.
+    test = [0.10, 0.20, 0.25, 0.30, 0.50, 0.60, 0.40, 0.40, 0.40, 0.40, 0.40, 0.20]
+    heldout = [0.1, 0.2, 0.3, 0.9, 0.5, 0.5, 0.9, 0.4, 0.4, 0.4, 0.4, 0.4]
+    summary = train.summarise(_history(test, heldout), warmup_epochs=2)
+    twin_a = summary["twin_a"]
+    assert twin_a["best"] == pytest.approx(60.0)
+    assert twin_a["last"] == pytest.approx(20.0)
+    assert twin_a["best_minus_last"] == pytest.approx(40.0)
+    assert twin_a["last10"] == pytest.approx(385.0 / 10)
+    assert twin_a["selected"] == pytest.approx(30.0)
+    assert twin_a["selected_epoch"] == 4
+    assert summary["student"]["selected"] == pytest.approx(15.0)
+    assert summary["selection"] == {
+        "monitor": "heldout_student_accuracy",
+        "epoch": 4,
+        "heldout_accuracy": pytest.approx(90.0),
+        "test_accuracy": pytest.approx(15.0),
+    }
+    # Cross entropy reports θA, whose own peak selects.
+    ce = train.summarise(_history(test, heldout), warmup_epochs=12, reported="twin_a")
+    assert ce["selection"]["monitor"] == "heldout_twin_a_accuracy"
+    assert ce["selection"]["test_accuracy"] == pytest.approx(30.0)
+    text = train.format_summary(
+        {
+            **summary,
+            "reported_network": "student",
+            "noise_rate_actual": None,
+            "seconds_per_epoch": 1.0,
+            "model_dir": "run",
+            "export_path": None,
+        }
+    )
+    assert "best*" in text and "selected" in text
+    assert "* best is test-selected" in text
+    assert "student test accuracy at its best noisy held-out epoch (4): 15.00" in text
+
+
+def test_summarise_with_fewer_than_10_epochs_and_no_held_out_split():
+    summary = train.summarise(_history([0.2, 0.5, 0.3]), warmup_epochs=1)
+    assert summary["joint"]["last10"] == pytest.approx(100.0 / 3)
+    assert summary["student"]["last10"] == pytest.approx(50.0 / 3)
+    assert "selected" not in summary["joint"] and "selection" not in summary
+
+
+def test_noisy_validation_split_range_is_checked_before_loading_data():
+    for bad in (-0.1, 0.5, 0.7):
+        (problem,) = train.config_problems(
+            train.TrainConfig(noisy_validation_split=bad)
+        )
+        assert f"--noisy_validation_split={bad} must be in [0, 0.5)" in problem
+    assert not train.config_problems(train.TrainConfig(noisy_validation_split=0.49))
+
+
+def test_a_run_that_predates_the_flag_resumes_with_its_default(tmp_path):
+    config = train.TrainConfig(model_dir=str(tmp_path))
+    before = dataclasses.asdict(config)
+    del before["noisy_validation_split"]
+    (tmp_path / "config.json").write_text(json.dumps(before))
+    assert train.resume_problems(config) == []
+    changed = dataclasses.replace(config, noisy_validation_split=0.1)
+    assert "--noisy_validation_split: 0.0 when" in train.resume_problems(changed)[0]
+
+
+def test_a_split_leaving_a_class_without_held_out_samples_is_refused(tmp_path):
+    # Class 1 has 2 of the 20 samples: round(0.2 * 2) = 0 of them held out.
+    labels = np.array([0] * 18 + [1] * 2)
+    flag = _npz(tmp_path / "data.npz", y_train=labels, class_names=np.array(["a", "b"]))
+    config = tiny_run_config(
+        tmp_path, flag.split("=", 1)[1], noise_type="none", noisy_validation_split=0.2
+    )
+    with pytest.raises(train.ConfigError, match=r"class 1 \('b'\): 2 noisy-labelled"):
+        train.run(config)
+    assert not (tmp_path / "run").exists()  # refused before the run started
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--noisy_validation_split=0.5"], "must be in [0, 0.5)"),
+        (["--noisy_validation_split=0.001"], "class 0: 140 noisy-labelled samples"),
+    ],
+    ids=["range", "empty_class"],
+)
+def test_bad_noisy_validation_split_exits_2_naming_the_flag(tmp_path, flags, named):
+    result = _cli(*flags, f"--model_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--noisy_validation_split" in result.stderr and named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_noisy_held_out_split_selects_on_it(tmp_path):
+    # In process (the CLI's start-up would double the time); the flag itself
+    # reaches the config through absl as on the command line.
+    from galkeras.training_set import noisy_holdout_split
+
+    flagfile = tmp_path / "run.flags"
+    flagfile.write_text("--noisy_validation_split=0.2\n--batch_size=128\n")
+    overrides = dataclasses.asdict(tiny_run_config(tmp_path, "digits"))
+    for name in ("batch_size", "noisy_validation_split"):
+        del overrides[name]
+    config = train.config_from_flagfile(str(flagfile), **overrides)
+    assert config.noisy_validation_split == 0.2
+    text = train.format_summary(train.run(config))
+    assert "selected" in text and "best is test-selected" in text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    labels = np.load(tmp_path / "run" / "labels.npz")
+    noisy, heldout_ids = labels["noisy_labels"], labels["heldout_ids"]
+    # Stratified by the noisy label, and the split a resumed run makes again.
+    counts = np.bincount(noisy, minlength=10)
+    held = np.bincount(noisy[heldout_ids], minlength=10)
+    np.testing.assert_array_equal(held, [round(0.2 * n) for n in counts])
+    np.testing.assert_array_equal(noisy_holdout_split(noisy, 0.2, 0)[1], heldout_ids)
+    assert summary["heldout_examples"] == len(heldout_ids) == held.sum()
+    assert summary["train_examples"] == len(noisy) - len(heldout_ids)
+    for net in train.NETWORKS:
+        assert {"best", "last", "last10", "selected"} <= set(summary[net])
+    assert summary["selection"]["monitor"] == "heldout_student_accuracy"
+    assert summary["selection"]["epoch"] in (1, 2)
+    history = run_logging.read_history_csv(tmp_path / "run" / "history.csv")
+    for net in train.NETWORKS:
+        assert len(history[f"heldout_{net}_accuracy"]) == 2
+    epoch = summary["selection"]["epoch"] - 1
+    assert summary["selection"]["heldout_accuracy"] == pytest.approx(
+        100 * history["heldout_student_accuracy"][epoch]
+    )
