@@ -7,7 +7,8 @@ import tensorflow as tf
 from conftest import tiny_data, tiny_net
 
 from galkeras import optimizers
-from galkeras.model import GAL, optimizer_slots
+from galkeras.gated_update import optimizer_slots
+from galkeras.model import GAL
 from galkeras.training_set import TrainingSet
 
 
@@ -39,7 +40,7 @@ def _state(gal):
         "a": gal.twin_a.trainable_variables,
         "b": gal.twin_b.trainable_variables,
     }
-    slots = dict(zip("ab", gal._slots))
+    slots = {k: u.slots for k, u in zip("ab", gal._gated_updates)}
     return {
         k: [
             (v.numpy().copy(), [s.numpy().copy() for s in sl])
@@ -92,7 +93,7 @@ def test_warmup_switch_copies_weights_and_optimizer_state(tiny):
     assert int(gal.optimizer_b.iterations.numpy()) == 3
     for sa, sb in zip(gal.optimizer.variables, gal.optimizer_b.variables):
         np.testing.assert_array_equal(sa.numpy(), sb.numpy())
-    assert any(np.any(s.numpy() != 0) for slots in gal._slots[0] for s in slots)
+    assert any(np.any(s.numpy() != 0) for slots in gal._gated_updates[0].slots for s in slots)
     # A second switch (e.g. a resumed run) must not copy θA over θB again.
     gal.twin_b.trainable_variables[0].assign_add(
         tf.ones_like(gal.twin_b.trainable_variables[0])
