@@ -70,8 +70,9 @@ def channel_agreement(grads_a, grads_b):
     A variable of shape `[..., C]` gives `C` cosines, each over the `prod(...)`
     values of its slice; a vector `[C]` gives `C` cosines of 1-value vectors, i.e.
     `sign(g_A) * sign(g_B)`; a scalar gives one cosine of shape `[]`. There is no
-    ε in the denominator, so that a 1-value cosine is the exact sign agreement at
-    any gradient scale; a slice in which either gradient is zero gets 0.
+    ε in the denominator, so that a 1-value cosine is the exact sign agreement
+    however small the gradients; a slice in which either gradient is zero (or
+    so small that its squared norm underflows float32, below about 1e-19) gets 0.
 
     Args:
         grads_a: list of dense gradient tensors of twin A, one per variable.

@@ -48,6 +48,7 @@ _DEFAULTS = dict(
     random_update_prob=0.8,
     sampling="cdas",
     masked_update="skip",
+    agreement_granularity="variable",
     augment="auto",
     train_student=True,
     model_dir="",
@@ -72,6 +73,7 @@ BACKBONES = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")
 UPDATE_RULES = ("agreement", "random", "all")
 SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
+GRANULARITIES = ("variable", "channel", "element")
 AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -131,6 +133,7 @@ class TrainConfig:
     random_update_prob: float = _DEFAULTS["random_update_prob"]
     sampling: str = _DEFAULTS["sampling"]
     masked_update: str = _DEFAULTS["masked_update"]
+    agreement_granularity: str = _DEFAULTS["agreement_granularity"]
     augment: str = _DEFAULTS["augment"]
     train_student: bool = _DEFAULTS["train_student"]
     model_dir: str = _DEFAULTS["model_dir"]
@@ -234,6 +237,7 @@ def config_problems(config):
         ("update_rule", c.update_rule, UPDATE_RULES),
         ("sampling", c.sampling, SAMPLING_MODES),
         ("masked_update", c.masked_update, MASKED_UPDATES),
+        ("agreement_granularity", c.agreement_granularity, GRANULARITIES),
         ("augment", c.augment, AUGMENTATIONS),
         ("weight_decay_mode", c.weight_decay_mode, WEIGHT_DECAY_MODES),
         ("strategy", c.strategy, STRATEGIES),
@@ -280,6 +284,10 @@ def resume_problems(config):
     except (OSError, ValueError) as error:
         return [f"{started} is unreadable ({error}); cannot resume that run."]
     now = json.loads(json.dumps(dataclasses.asdict(config)))
+    # A flag that the run's config.json lacks did not exist when it started: the
+    # run had that flag's default behaviour.
+    defaults = json.loads(json.dumps(_DEFAULTS))
+    before = {name: before.get(name, defaults.get(name)) for name in now}
     changed = [
         f"  --{name}: {before.get(name)!r} when the run started, now {now[name]!r}"
         for name in now
@@ -595,6 +603,7 @@ def _fit_and_write(
             update_rule=config.update_rule,
             random_update_prob=config.random_update_prob,
             masked_update=config.masked_update,
+            agreement_granularity=config.agreement_granularity,
             train_student=config.train_student,
             seed=config.seed,
             on_nonfinite=config.on_nonfinite,
@@ -769,9 +778,12 @@ def _steps_of_all_workers(strategy, step):
 
 
 def per_variable_agreement_logger(gal, path):
-    """A callback writing, per epoch, each twin variable's share of steps whose
-    gate was open: one CSV row per epoch, one column per variable of θA (by path).
-    This is the per-layer view of the agreement ratio (Figure 1, §4.3.3)."""
+    """A callback writing, per epoch, each twin variable's mean share of open
+    gates over the epoch's steps: one CSV row per epoch, one column per variable of
+    θA (by path). With one gate per variable this is the share of steps whose gate
+    was open; at `channel` or `element` granularity, the mean share of the
+    variable's scalar parameters whose gate was open. This is the per-layer view of
+    the agreement ratio (Figure 1, §4.3.3)."""
     import keras
 
     names = [v.path for v in gal.twin_a.trainable_variables]
@@ -965,6 +977,12 @@ def define_flags(flag_values=None):
     )
     define.string("sampling", d["sampling"], f"One of {SAMPLING_MODES}.")
     define.string("masked_update", d["masked_update"], f"One of {MASKED_UPDATES}.")
+    define.string(
+        "agreement_granularity",
+        d["agreement_granularity"],
+        f"One of {GRANULARITIES}: one agreement coefficient per trainable variable, "
+        "per output channel, or per scalar (sign agreement).",
+    )
     define.string(
         "augment",
         d["augment"],
