@@ -244,6 +244,7 @@ class GAL(keras.Model):
         self.pseudo_label_stats = {}
         # One `GatedUpdate` per network, made once the optimizers are built.
         self._gated_updates = None
+        self._slots = None
         self._variable_sizes = tf.constant(
             [float(np.prod(v.shape)) for v in twin_a.trainable_variables], tf.float32
         )
@@ -360,6 +361,7 @@ class GAL(keras.Model):
             **kwargs,
         )
         self._gated_updates = None
+        self._slots = None
 
     def compile_from_config(self, config):
         config = keras.saving.deserialize_keras_object(config)
@@ -389,6 +391,10 @@ class GAL(keras.Model):
                 GatedUpdate(opt, net.trainable_variables, scale, self.masked_update)
                 for (opt, net), scale in zip(pairs, scales)
             )
+            # Keras tracks these slot lists among GAL's own weights, and `.keras`
+            # files written before `GatedUpdate` existed hold them there: keep
+            # the same weights, in the same order, so those files still load.
+            self._slots = tuple(update.slots for update in self._gated_updates)
 
     @property
     def _update_a(self):
