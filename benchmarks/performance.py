@@ -28,11 +28,15 @@ machine and on whatever else runs on it.
    - `agreement`: a `tf.function` running only `gradient_agreement` +
      `agreement_gates` on random gradient tensors of the backbone's shapes;
    - `apply`, `apply_skip_closed`, `apply_skip_open`: θB's optimizer applying
-     zero gradients to θB's variables directly, and through `GAL._gated_apply`
+     zero gradients to θB's variables directly, and through `GatedUpdate.apply`
      in the `skip` mode with every gate closed (every variable and optimizer slot
      put back: the most the skip mode can add) and with every gate open.
    Agreement and gating = `agreement` + (`apply_skip_closed` − `apply`): an upper
-   bound, as in training some gates are open. The round-paired differences
+   bound, as in training some gates are open. The same share is measured at
+   each `agreement_granularity` (`agreement_channel`, `agreement_element`,
+   `apply_skip_closed_channel`, `apply_skip_closed_element`: the coefficients
+   and the closed gates at that granularity), as
+   `agreement_gating_by_granularity`. The round-paired differences
    `twins` − `twins_all` (the skip restore at the real gates) and
    `twins_zero_grad` − `twins_all` are reported as a cross-check.
 2. `scaling` (agreement_scaling.json): `agreement` and the skip-restore overhead
@@ -85,7 +89,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from galkeras import agreement, augment, backbones, optimizers, sampling  # noqa: E402
-from galkeras.model import GAL, optimizer_slots  # noqa: E402
+from galkeras.gated_update import GatedUpdate  # noqa: E402
+from galkeras.model import GAL  # noqa: E402
 from galkeras.training_set import TrainingSet  # noqa: E402
 
 PARTS = ("step", "scaling", "refresh", "run", "memory")
@@ -446,25 +451,32 @@ class Bench:
         return lambda: model.evaluate(self.validation, verbose=0)
 
 
-def agreement_call(variables, seed=0):
-    """`gradient_agreement` + `agreement_gates` on random gradients of these shapes."""
+def agreement_call(variables, seed=0, granularity="variable"):
+    """`agreement_coefficients` + `agreement_gates` at `granularity`, on random
+    gradients of these shapes."""
     generator = tf.random.Generator.from_seed(seed)
     grads_a = [generator.normal(v.shape) for v in variables]
     grads_b = [generator.normal(v.shape) for v in variables]
     fn = tf.function(
-        lambda a, b: agreement.agreement_gates(agreement.gradient_agreement(a, b), TAU)
+        lambda a, b: agreement.agreement_gates(
+            agreement.agreement_coefficients(a, b, granularity), TAU
+        )
     )
-    return lambda: fn(grads_a, grads_b).numpy()
+    return lambda: fn(grads_a, grads_b)[0].numpy()
 
 
-def apply_calls(gal):
+def apply_calls(gal, granularities=("variable",)):
     """θB's optimizer applying zero gradients: directly, and through the `skip`
-    update with every gate closed and with every gate open."""
+    update (`GatedUpdate`) with every gate closed and with every gate open. The
+    closed gates have each granularity's shapes (`apply_skip_closed` for
+    `variable`, `apply_skip_closed_<granularity>` for the others)."""
     variables = gal.twin_b.trainable_variables
-    slots = optimizer_slots(gal.optimizer_b, variables)
+    update = GatedUpdate(gal.optimizer_b, variables, gal.twins_loss_scale)
     zeros = [tf.zeros(v.shape, v.dtype) for v in variables]
-    closed = tf.zeros([len(variables)], tf.bool)
-    opened = tf.ones([len(variables)], tf.bool)
+
+    def gates(value, granularity):
+        shapes = agreement.unit_shapes([v.shape for v in variables], granularity)
+        return [tf.fill(s, value) for s in shapes]
 
     @tf.function
     def plain(grads):
@@ -473,14 +485,22 @@ def apply_calls(gal):
 
     @tf.function
     def gated(grads, gates):
-        gal._gated_apply(gal.optimizer_b, grads, variables, slots, gates)
+        update.apply(grads, gates)
         return gal.optimizer_b.iterations.value
 
-    return {
+    def call(value, granularity):
+        fixed = gates(value, granularity)
+        return lambda: gated(zeros, fixed).numpy()
+
+    calls = {
         "apply": lambda: plain(zeros).numpy(),
-        "apply_skip_closed": lambda: gated(zeros, closed).numpy(),
-        "apply_skip_open": lambda: gated(zeros, opened).numpy(),
+        "apply_skip_closed": call(False, "variable"),
+        "apply_skip_open": call(True, "variable"),
     }
+    for granularity in granularities:
+        if granularity != "variable":
+            calls[f"apply_skip_closed_{granularity}"] = call(False, granularity)
+    return calls
 
 
 def parameter_count(model):
@@ -496,8 +516,13 @@ def part_step(settings, benches):
         steps = settings.steps[backbone.kind]
         contenders = {name: (bench.stepper(name), steps) for name in STEP_CONTENDERS}
         twins = bench.model("twins")
-        isolated = {"agreement": agreement_call(twins.twin_a.trainable_variables)}
-        isolated.update(apply_calls(twins))
+        twin_variables = twins.twin_a.trainable_variables
+        isolated = {"agreement": agreement_call(twin_variables)}
+        for granularity in agreement.GRANULARITIES[1:]:
+            isolated[f"agreement_{granularity}"] = agreement_call(
+                twin_variables, granularity=granularity
+            )
+        isolated.update(apply_calls(twins, agreement.GRANULARITIES))
         for name, fn in isolated.items():
             fn()  # traces, XLA-compiles
             contenders[name] = (fn, 5 * steps)
@@ -505,6 +530,19 @@ def part_step(settings, benches):
         seconds = {name: median(t) for name, t in times.items()}
         skip_overhead = paired_difference(times, "apply_skip_closed", "apply")
         gating = seconds["agreement"] + skip_overhead["seconds"]
+        # The same share at each agreement granularity (the twins' step itself
+        # is timed at `variable`; only the cosine and the select differ).
+        by_granularity = {}
+        for granularity in agreement.GRANULARITIES:
+            suffix = "" if granularity == "variable" else f"_{granularity}"
+            restore = paired_difference(times, f"apply_skip_closed{suffix}", "apply")
+            seconds_g = seconds[f"agreement{suffix}"] + restore["seconds"]
+            by_granularity[granularity] = {
+                "agreement_seconds": seconds[f"agreement{suffix}"],
+                "skip_restore_all_closed_seconds": restore,
+                "agreement_gating_seconds": seconds_g,
+                "ratio_over_twins": seconds_g / seconds["twins"],
+            }
         ratios = {
             "twins_over_ce": ratio(times, "twins", "ce"),
             "gal_over_ce": ratio(times, "gal", "ce"),
@@ -538,6 +576,7 @@ def part_step(settings, benches):
             "calls_per_round": {name: c for name, (_, c) in contenders.items()},
             "trace_seconds": dict(bench.trace_seconds),
             "agreement_gating_seconds": gating,
+            "agreement_gating_by_granularity": by_granularity,
             "skip_restore_all_closed_seconds": skip_overhead,
             "twins_minus_twins_all_seconds": paired_difference(
                 times, "twins", "twins_all"
@@ -560,6 +599,10 @@ def part_step(settings, benches):
                 fmt_ms(seconds["agreement"]),
                 fmt_ms(skip_overhead["seconds"]),
                 f"{100 * ratios['agreement_gating_over_twins']['ratio']:.2f}% (≤ 3%)",
+                " / ".join(
+                    f"{100 * by_granularity[g]['ratio_over_twins']:.2f}%"
+                    for g in agreement.GRANULARITIES
+                ),
             ]
         ]
     table = markdown(
@@ -575,6 +618,7 @@ def part_step(settings, benches):
             "cosine + gates",
             "skip restore (all closed)",
             "agreement + gating / twins",
+            "the same at variable / channel / element (≤ 3%)",
         ],
         rows,
     )

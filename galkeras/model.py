@@ -11,9 +11,14 @@ import tensorflow as tf
 
 from galkeras import agreement, sampling
 from galkeras.distill import pseudo_label_loss
+from galkeras.gated_update import (
+    MASKED_UPDATES,
+    DynamicLossScale,
+    GatedUpdate,
+    record_nonfinite,
+)
 from galkeras.training_set import TrainingSet
 
-MASKED_UPDATES = ("skip", "zero_grad")
 ON_NONFINITE = ("stop", "skip_step")
 WARMUP, AGREEMENT = "warmup", "agreement"
 # Bits of `GAL.nonfinite_networks`, in this order.
@@ -29,35 +34,6 @@ LAST_STEP_KEYS = (
     "updated_ratio",
     "agreement_per_variable",
 )
-
-
-def optimizer_slots(optimizer, variables):
-    """For each variable, the optimizer variables created from it.
-
-    Keras names a slot `{variable.path with '/' -> '_'}_{slot}` (momentum, Adam's
-    moments, ...). This recovers that map for any Keras optimizer, so that the
-    `skip` update can keep a gated-off variable's slots bit-identical.
-    """
-    keys = [v.path.replace("/", "_") + "_" for v in variables]
-    if len(set(keys)) != len(keys):
-        raise ValueError(
-            "Two trainable variables of one twin share a path; GAL needs unique "
-            "variable paths to find their optimizer slots. Give the layers "
-            "unique names."
-        )
-    slots = [[] for _ in variables]
-    for slot in optimizer.variables:
-        best = None
-        for i, key in enumerate(keys):
-            if (
-                slot.name.startswith(key)
-                and tuple(slot.shape) == tuple(variables[i].shape)
-                and (best is None or len(key) > len(keys[best]))
-            ):
-                best = i
-        if best is not None:
-            slots[best].append(slot)
-    return slots
 
 
 class NonFiniteError(FloatingPointError):
@@ -90,6 +66,20 @@ def _tf_variable(v):
     return v.value if isinstance(v, keras.Variable) else v
 
 
+def _global_mean(grads):
+    """The mean of `grads` over replicas (the gradients of the global batch)."""
+    replica = tf.distribute.get_replica_context()
+    if replica is None or replica.num_replicas_in_sync == 1:
+        return grads
+    return replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
+
+
+def _agreement_diagnostics(coefficients, gates):
+    """Per variable: the mean coefficient and the share of open scalars."""
+    means = tf.stack([tf.reduce_mean(c) for c in coefficients])
+    return means, agreement.open_shares(gates)
+
+
 @keras.saving.register_keras_serializable(package="galkeras")
 class GAL(keras.Model):
     """Gradient Agreement Learning (Yan et al., Applied Sciences 2023).
@@ -99,10 +89,11 @@ class GAL(keras.Model):
     then θB becomes an exact copy of θA (weights, non-trainable state and optimizer
     slots). From there on, each step feeds the twins different batches of equal
     class distribution (CDAS, §3.1), computes the cosine of their gradients for
-    every trainable variable (Eq. 4) and updates only the variables whose cosine
-    reaches `tau` (Eq. 5). The student θC learns at every step from the twins'
-    joint prediction with thresholded cross entropy plus KL (Eq. 9-11); θC is the
-    model that `predict` serves.
+    every trainable variable, channel or element (`agreement_granularity`, Eq. 4)
+    and updates only the parameters whose cosine reaches `tau` (Eq. 5). The
+    student θC learns at every step from the twins' joint prediction with
+    thresholded cross entropy plus KL (Eq. 9-11); θC is the model that `predict`
+    serves.
 
     Args:
         twin_a: `keras.Model` mapping images to logits (θA).
@@ -112,13 +103,15 @@ class GAL(keras.Model):
         warmup_epochs: int W, epochs of plain cross entropy on θA alone.
         tau: float in [-1, 1], the agreement threshold τ (paper: 0.4).
         epsilon: float in [0, 1), the pseudo-label confidence threshold ε (0.8).
-        update_rule: `"agreement"` (default), `"random"` (each variable pair
-            updated with probability `random_update_prob`) or `"all"` (no gating;
+        update_rule: `"agreement"` (default), `"random"` (each unit of
+            `agreement_granularity` updated with probability
+            `random_update_prob`, one draw for both twins) or `"all"` (no gating;
             the agreement is still measured).
         random_update_prob: p of the `random` rule (paper: 0.8/0.5/0.2/0.6).
-        masked_update: `"skip"` (default: a gated-off variable and its optimizer
-            slots do not move at all) or `"zero_grad"` (its gradient is zeroed and
-            the optimizer steps as usual, so momentum and weight decay still act).
+        masked_update: `"skip"` (default: a gated-off variable, channel or
+            element and the same part of its optimizer slots do not move at all)
+            or `"zero_grad"` (its gradient is zeroed and the optimizer steps as
+            usual, so momentum and weight decay still act).
         train_student: bool; `False` trains the twins alone (a CE baseline when
             `warmup_epochs` equals the number of epochs).
         seed: int, seed of the `random` rule's draws.
@@ -129,6 +122,12 @@ class GAL(keras.Model):
             after that step. `"skip_step"`: the step is not applied to any of
             the three networks (weights and optimizer slots bit-identical) and is
             counted in `nonfinite_steps`.
+        agreement_granularity: what one coefficient of Eq. (4) covers:
+            `"variable"` (default: one cosine per trainable tensor), `"channel"`
+            (one per output unit, over every axis but the last) or `"element"`
+            (one per scalar, `sign(g_A) * sign(g_B)`: any `tau` in (0, 1] then
+            opens the parameters whose gradients have the same sign). See
+            `galkeras.agreement`.
 
     Example:
     ```python
@@ -158,6 +157,7 @@ class GAL(keras.Model):
         train_student=True,
         seed=0,
         on_nonfinite="stop",
+        agreement_granularity="variable",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -173,6 +173,11 @@ class GAL(keras.Model):
         if masked_update not in MASKED_UPDATES:
             raise ValueError(
                 f"masked_update must be one of {MASKED_UPDATES}; got {masked_update!r}."
+            )
+        if agreement_granularity not in agreement.GRANULARITIES:
+            raise ValueError(
+                f"agreement_granularity must be one of {agreement.GRANULARITIES}; "
+                f"got {agreement_granularity!r}."
             )
         if not -1.0 <= tau <= 1.0:
             raise ValueError(f"tau must be in [-1, 1]; got {tau}.")
@@ -194,6 +199,7 @@ class GAL(keras.Model):
         self.train_student = bool(train_student)
         self.seed = int(seed)
         self.on_nonfinite = on_nonfinite
+        self.agreement_granularity = agreement_granularity
         # === State ===
         a_shapes = [tuple(v.shape) for v in twin_a.weights]
         if a_shapes != [tuple(v.shape) for v in twin_b.weights]:
@@ -210,8 +216,9 @@ class GAL(keras.Model):
         )
         # float16 needs loss scaling (bfloat16 has float32's range and does not).
         self.loss_scaling = twin_a.dtype_policy.compute_dtype == "float16"
-        self.twins_loss_scale = DynamicLossScale(self, "twins")
-        self.student_loss_scale = DynamicLossScale(self, "student")
+        # The twins share one scale, so that both skip an overflowing step.
+        self.twins_loss_scale = DynamicLossScale(self, "twins", self.loss_scaling)
+        self.student_loss_scale = DynamicLossScale(self, "student", self.loss_scaling)
         # Steps with a non-finite loss or gradient, and a bit mask (NETWORK_NAMES)
         # of the networks at fault in the latest one.
         self.nonfinite_steps = self.add_weight(
@@ -235,6 +242,8 @@ class GAL(keras.Model):
         self.global_step = 0
         self.pseudo_labels = None
         self.pseudo_label_stats = {}
+        # One `GatedUpdate` per network, made once the optimizers are built.
+        self._gated_updates = None
         self._slots = None
         self._variable_sizes = tf.constant(
             [float(np.prod(v.shape)) for v in twin_a.trainable_variables], tf.float32
@@ -351,6 +360,7 @@ class GAL(keras.Model):
             twin_b_optimizer=self.optimizer_b,
             **kwargs,
         )
+        self._gated_updates = None
         self._slots = None
 
     def compile_from_config(self, config):
@@ -370,14 +380,33 @@ class GAL(keras.Model):
             for opt, net in pairs:
                 if not opt.built:
                     opt.build(net.trainable_variables)
-        if self._slots is None:
-            self._slots = (
-                optimizer_slots(self.optimizer, self.twin_a.trainable_variables),
-                optimizer_slots(self.optimizer_b, self.twin_b.trainable_variables),
-                optimizer_slots(
-                    self.student_optimizer, self.student.trainable_variables
-                ),
+        if self._gated_updates is None:
+            # The twins share one loss scale; θC has its own.
+            scales = (
+                self.twins_loss_scale,
+                self.twins_loss_scale,
+                self.student_loss_scale,
             )
+            self._gated_updates = tuple(
+                GatedUpdate(opt, net.trainable_variables, scale, self.masked_update)
+                for (opt, net), scale in zip(pairs, scales)
+            )
+            # Keras tracks these slot lists among GAL's own weights, and `.keras`
+            # files written before `GatedUpdate` existed hold them there: keep
+            # the same weights, in the same order, so those files still load.
+            self._slots = tuple(update.slots for update in self._gated_updates)
+
+    @property
+    def _update_a(self):
+        return self._gated_updates[0]
+
+    @property
+    def _update_b(self):
+        return self._gated_updates[1]
+
+    @property
+    def _update_student(self):
+        return self._gated_updates[2]
 
     @property
     def metrics(self):
@@ -434,58 +463,15 @@ class GAL(keras.Model):
         if self.train_student:
             fault, update = self._student_step(data["image_a"], data["id_a"])
             faults, updates = {**faults, **fault}, [*updates, update]
-        step_ok = self._record_nonfinite(faults)
+        step_ok = record_nonfinite(
+            faults, NETWORK_NAMES, self.nonfinite_steps, self.nonfinite_networks
+        )
         for update in updates:
             update(step_ok if skip else None)
         if skip:
             for variable, old in saved:
                 variable.assign(tf.where(step_ok, variable.read_value(), old))
         return self._logs(self._train_trackers)
-
-    def _fault_free(self, loss, grads):
-        """A scalar bool: `loss` is finite and, unless float16 loss scaling owns
-        gradient overflow, so is every gradient."""
-        ok = tf.reduce_all(tf.math.is_finite(loss))
-        return ok if self.loss_scaling else ok & all_finite(grads)
-
-    def _record_nonfinite(self, faults):
-        """Counts a step with a fault in any network (`faults`: network name →
-        local "fault-free" bool) and returns whether the step is fault-free on
-        every replica."""
-        names = [n for n in NETWORK_NAMES if n in faults]
-        ok = _all_replicas_finite(tf.stack([faults[n] for n in names]))
-        bits = tf.add_n(
-            [
-                tf.where(ok[i], 0, 1 << NETWORK_NAMES.index(name))
-                for i, name in enumerate(names)
-            ]
-        )
-        bad = bits > 0
-        self.nonfinite_steps.assign_add(tf.cast(bad, tf.int32))
-        self.nonfinite_networks.assign(tf.where(bad, bits, self.nonfinite_networks))
-        return tf.logical_not(bad)
-
-    def _apply(self, optimizer, grads, variables, slots, gates, step_ok):
-        """`optimizer.apply`, through the `skip` path when some gate may be
-        closed: `gates` (or None for all open) and-ed with `step_ok` (or None).
-        A step that is not ok leaves the optimizer's iteration counter as it was
-        too, so the learning-rate schedule does not move either."""
-        if step_ok is None:
-            if gates is None:
-                optimizer.apply(grads, variables)
-            else:
-                self._skip_apply(optimizer, grads, variables, slots, gates)
-            return
-        gates = tf.ones([len(variables)], tf.bool) if gates is None else gates
-        # A skipped step may hold NaN: keep it out of the optimizer's arithmetic,
-        # whose result is discarded anyway.
-        grads = [tf.where(step_ok, g, tf.zeros_like(g)) for g in grads]
-        iterations = _tf_variable(optimizer.iterations)
-        before = tf.identity(iterations)
-        self._skip_apply(
-            optimizer, grads, variables, slots, tf.logical_and(gates, step_ok)
-        )
-        iterations.assign(tf.where(step_ok, iterations.read_value(), before))
 
     def _logs(self, trackers):
         """The trackers' results as the step's logs. Under multi-worker
@@ -496,186 +482,124 @@ class GAL(keras.Model):
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
 
-    def _cross_entropy(self, net, images, labels, tracker_prefix):
-        """Mean CE of `net` on its local batch, and the replica-scaled loss."""
-        logits = tf.cast(net(images, training=True), tf.float32)
-        loss = keras.ops.mean(
-            keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True
+    def _cross_entropy_gradients(self, net, images, labels, tracker_prefix):
+        """`(loss, gradients)`: `net`'s mean CE on its local batch and its local
+        gradients (under float16, of the scaled loss, unscaled)."""
+        variables = net.trainable_variables
+        scale = self.twins_loss_scale
+        with tf.GradientTape() as tape:
+            logits = tf.cast(net(images, training=True), tf.float32)
+            loss = keras.ops.mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    labels, logits, from_logits=True
+                )
             )
-        )
+            # The optimizer sums gradients over replicas, so each replica
+            # contributes its mean divided by the replica count.
+            scaled = scale.scale(loss / self.distribute_strategy.num_replicas_in_sync)
+        grads = scale.unscale(tape.gradient(scaled, variables))
         self._train_trackers[f"{tracker_prefix}_loss"].update_state(loss)
         self.last_step[f"{tracker_prefix}_loss"].assign(loss)
         self._train_trackers[f"{tracker_prefix}_accuracy"].update_state(labels, logits)
-        # The optimizer sums gradients over replicas, so each replica contributes
-        # its mean divided by the replica count (KERAS_TF_NOTES.md).
-        return loss / self.distribute_strategy.num_replicas_in_sync
+        return loss, grads
 
     def _warmup_step(self, data):
         """Phase 1: plain cross entropy on θA alone.
 
         Returns `({"twin_a": fault-free}, [update])`, `update(step_ok)` applying
         the step (see `train_step`)."""
-        variables = self.twin_a.trainable_variables
-        with tf.GradientTape() as tape:
-            loss = self._cross_entropy(
-                self.twin_a, data["image_a"], data["label_a"], "twin_a"
-            )
-            scaled = self.twins_loss_scale.scale(loss)
-        grads = self.twins_loss_scale.unscale(tape.gradient(scaled, variables))
+        loss, grads = self._cross_entropy_gradients(
+            self.twin_a, data["image_a"], data["label_a"], "twin_a"
+        )
 
         def update(step_ok):
-            finite = None
-            if self.loss_scaling:
-                finite = self.twins_loss_scale.update(
-                    _all_replicas_finite(all_finite(grads))
-                )
-            self._gated_apply(
-                self.optimizer, grads, variables, self._slots[0], None, step_ok, finite
-            )
+            finite = self.twins_loss_scale.check(grads)
+            self._update_a.apply(grads, step_ok=step_ok, finite=finite)
 
-        return {"twin_a": self._fault_free(loss, grads)}, [update]
+        return {"twin_a": self.twins_loss_scale.fault_free(loss, grads)}, [update]
 
     def _agreement_step(self, data):
         """Phase 2: gradient agreement updating (§3.2, Eq. 4-5).
 
         Returns `({"twin_a": ok, "twin_b": ok}, [update])` (see `train_step`)."""
-        vars_a = self.twin_a.trainable_variables
-        vars_b = self.twin_b.trainable_variables
-        scale = self.twins_loss_scale
-        with tf.GradientTape() as tape_a:
-            loss_a = self._cross_entropy(
-                self.twin_a, data["image_a"], data["label_a"], "twin_a"
-            )
-            scaled_a = scale.scale(loss_a)
-        with tf.GradientTape() as tape_b:
-            loss_b = self._cross_entropy(
-                self.twin_b, data["image_b"], data["label_b"], "twin_b"
-            )
-            scaled_b = scale.scale(loss_b)
-        grads_a = scale.unscale(tape_a.gradient(scaled_a, vars_a))
-        grads_b = scale.unscale(tape_b.gradient(scaled_b, vars_b))
+        loss_a, grads_a = self._cross_entropy_gradients(
+            self.twin_a, data["image_a"], data["label_a"], "twin_a"
+        )
+        loss_b, grads_b = self._cross_entropy_gradients(
+            self.twin_b, data["image_b"], data["label_b"], "twin_b"
+        )
         # Dense gradients (IndexedSlices from embeddings), and zeros for variables
-        # the loss does not reach: such a pair gets cosine 0 and stays closed.
-        grads_a = [_dense(g, v) for g, v in zip(grads_a, vars_a)]
-        grads_b = [_dense(g, v) for g, v in zip(grads_b, vars_b)]
+        # the loss does not reach: such a pair gets coefficient 0 and stays closed.
+        grads_a = [_dense(g, v) for g, v in zip(grads_a, self._update_a.variables)]
+        grads_b = [_dense(g, v) for g, v in zip(grads_b, self._update_b.variables)]
+        # Eq. (4) on the *global* gradients (the mean over replicas), so that
+        # every replica computes the same gates. The optimizers still receive the
+        # local gradients and sum them themselves, so nothing is reduced twice.
+        global_a, global_b = _global_mean(grads_a), _global_mean(grads_b)
+        coefficients = agreement.agreement_coefficients(
+            global_a, global_b, self.agreement_granularity
+        )
+        agreed = agreement.agreement_gates(coefficients, self.tau)  # Eq. (5)
+        gates = self._update_gates(agreed)
+        self._record_agreement(coefficients, agreed, gates)
+        scale = self.twins_loss_scale
+        faults = {
+            "twin_a": scale.fault_free(loss_a, global_a),
+            "twin_b": scale.fault_free(loss_b, global_b),
+        }
 
-        # The cosine must be taken on the *global* gradients (the mean over
-        # replicas), so that every replica computes the same gates. The optimizer
-        # still receives the local gradients and sums them itself, so nothing is
-        # reduced twice (KERAS_TF_NOTES.md).
-        global_a, global_b = grads_a, grads_b
-        replica = tf.distribute.get_replica_context()
-        if self.distribute_strategy.num_replicas_in_sync > 1 and replica is not None:
-            global_a = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads_a)
-            global_b = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads_b)
-        coefficients = agreement.gradient_agreement(global_a, global_b)
-        agreed = agreement.agreement_gates(coefficients, self.tau)
+        def update(step_ok):
+            # float16: a step with a non-finite gradient in either twin is
+            # skipped for both. The verdict is global: the gradients were
+            # all-reduced.
+            finite = scale.check(global_a + global_b, global_grads=True)
+            self._update_a.apply(grads_a, gates, step_ok=step_ok, finite=finite)
+            self._update_b.apply(grads_b, gates, step_ok=step_ok, finite=finite)
+
+        return faults, [update]
+
+    def _update_gates(self, agreed):
+        """The gates the twins are updated with, by `update_rule` (Table 4):
+        the agreement gates, a random draw at the same granularity, or None (all
+        open)."""
         if self.update_rule == "agreement":
-            gates = agreed
-        elif self.update_rule == "random":
+            return agreed
+        if self.update_rule == "random":
             step = tf.cast(self.optimizer.iterations, tf.int32)
-            gates = agreement.random_gates(
-                len(vars_a), self.random_update_prob, tf.stack([self.seed, step])
+            return agreement.random_unit_gates(
+                [v.shape for v in self.twin_a.trainable_variables],
+                self.random_update_prob,
+                tf.stack([self.seed, step]),
+                self.agreement_granularity,
             )
-        else:
-            gates = tf.ones_like(agreed)
+        return None
 
-        var_frac, param_frac = agreement.open_fractions(agreed, self._variable_sizes)
-        updated_frac, _ = agreement.open_fractions(gates, self._variable_sizes)
-        self._train_trackers["agreement"].update_state(tf.reduce_mean(coefficients))
+    def _record_agreement(self, coefficients, agreed, gates):
+        """Trackers and last-step values of the agreement (Figure 1)."""
+        mean_coefficients, open_shares = _agreement_diagnostics(coefficients, agreed)
+        var_frac, param_frac = agreement.open_fractions(
+            open_shares, self._variable_sizes
+        )
+        if gates is None:
+            updated_frac = tf.constant(1.0)
+        else:
+            updated_frac, _ = agreement.open_fractions(
+                agreement.open_shares(gates), self._variable_sizes
+            )
+        self._train_trackers["agreement"].update_state(
+            tf.reduce_mean(mean_coefficients)
+        )
         self._train_trackers["agreement_ratio"].update_state(var_frac)
         self._train_trackers["agreement_param_ratio"].update_state(param_frac)
         self._train_trackers["updated_ratio"].update_state(updated_frac)
-        self.variable_open_fraction.update_state(tf.cast(agreed, tf.float32))
+        self.variable_open_fraction.update_state(open_shares)
         for key, value in (
             ("agreement_ratio", var_frac),
             ("agreement_param_ratio", param_frac),
             ("updated_ratio", updated_frac),
-            ("agreement_per_variable", coefficients),
+            ("agreement_per_variable", mean_coefficients),
         ):
             self.last_step[key].assign(value)
-
-        slots_a, slots_b, _ = self._slots
-        faults = {
-            "twin_a": self._fault_free(loss_a, global_a),
-            "twin_b": self._fault_free(loss_b, global_b),
-        }
-
-        def update(step_ok):
-            finite = None
-            if self.loss_scaling:
-                # float16: a step with a non-finite gradient in either twin is
-                # skipped for both, weights and slots bit-identical (the skip
-                # path), and the scale halves. `finite` is global: the gradients
-                # were all-reduced.
-                finite = scale.update(all_finite(global_a) & all_finite(global_b))
-            for optimizer, grads, variables, slots in (
-                (self.optimizer, grads_a, vars_a, slots_a),
-                (self.optimizer_b, grads_b, vars_b, slots_b),
-            ):
-                self._gated_apply(
-                    optimizer, grads, variables, slots, gates, step_ok, finite
-                )
-
-        return faults, [update]
-
-    def _gated_apply(
-        self, optimizer, grads, variables, slots, gates, step_ok=None, finite=None
-    ):
-        """Applies `grads` to the variables whose gate is open.
-
-        `zero_grad`: the gradient is multiplied by the gate and the optimizer steps
-        as usual. `skip`: the optimizer steps, then every gated-off variable and
-        all its slots are put back to their values before the step, so they stay
-        bit-identical whatever the optimizer does (momentum, Adam moments, weight
-        decay). The `all` rule opens every gate.
-
-        `finite` (float16 loss scaling) and `step_ok` (`skip_step`), when given,
-        are scalar bools that close every gate of a step that fails them.
-        """
-        open_gates = None if self.update_rule == "all" else gates
-        if open_gates is not None and self.masked_update == "zero_grad":
-            grads = [g * tf.cast(s, g.dtype) for g, s in zip(grads, tf.unstack(gates))]
-            open_gates = None
-        if finite is not None:
-            open_gates = (
-                tf.fill([len(variables)], finite)
-                if open_gates is None
-                else tf.logical_and(open_gates, finite)
-            )
-        self._apply(optimizer, grads, variables, slots, open_gates, step_ok)
-
-    def _skip_apply(self, optimizer, grads, variables, slots, gates):
-        """The `skip` update: the optimizer steps, then every gated-off variable
-        and all its slots get their values from before the step back."""
-        gate_list = tf.unstack(gates)
-        if self.loss_scaling:
-            # A closed gate may hide a non-finite gradient (float16): keep it out
-            # of the optimizer's arithmetic, whose result is discarded anyway.
-            grads = [tf.where(s, g, tf.zeros_like(g)) for g, s in zip(grads, gate_list)]
-        targets, saved, target_gates = [], [], []
-        for v, var_slots, gate in zip(variables, slots, gate_list):
-            for t in (v, *var_slots):
-                targets.append(_tf_variable(t))
-                saved.append(tf.identity(t.value))
-                target_gates.append(gate)
-        optimizer.apply(grads, variables)
-
-        def restore(distribution, targets, saved, gates):
-            def put_back(var, old, gate):
-                return tf.cond(
-                    gate, lambda: tf.constant(True), lambda: _assign(var, old)
-                )
-
-            for var, old, gate in zip(targets, saved, gates):
-                distribution.extended.update(
-                    var, put_back, args=(old, gate), group=False
-                )
-
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            restore, self.distribute_strategy, targets, saved, target_gates
-        )
 
     def _student_step(self, images, ids):
         """θC's step on θA's batch: `L_c + L_d` against the pseudo-label table.
@@ -693,20 +617,10 @@ class GAL(keras.Model):
         self.last_step["student_loss"].assign(loss)
 
         def update(step_ok):
-            finite = None
-            if self.loss_scaling:
-                finite = scale.update(_all_replicas_finite(all_finite(grads)))
-            self._gated_apply(
-                self.student_optimizer,
-                grads,
-                variables,
-                self._slots[2],
-                None,
-                step_ok,
-                finite,
-            )
+            finite = scale.check(grads)
+            self._update_student.apply(grads, step_ok=step_ok, finite=finite)
 
-        return {"student": self._fault_free(loss, grads)}, update
+        return {"student": scale.fault_free(loss, grads)}, update
 
     # ------------------------------------------------------------- test step
     def _twin_probabilities(self, images):
@@ -818,9 +732,7 @@ class GAL(keras.Model):
             self.nonfinite_networks,
             *self.last_step.values(),
         ]
-        for scale in (self.twins_loss_scale, self.student_loss_scale):
-            if scale.enabled:
-                own += [scale.value, scale.good_steps, scale.skipped_steps]
+        own += self.twins_loss_scale.variables + self.student_loss_scale.variables
         groups = {
             "twin_a": self.twin_a.variables,
             "twin_b": self.twin_b.variables,
@@ -996,6 +908,7 @@ class GAL(keras.Model):
                 "train_student": self.train_student,
                 "seed": self.seed,
                 "on_nonfinite": self.on_nonfinite,
+                "agreement_granularity": self.agreement_granularity,
             }
         )
         return config
@@ -1006,84 +919,6 @@ class GAL(keras.Model):
         for key in ("twin_a", "twin_b", "student"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
-
-
-def all_finite(tensors):
-    """A scalar bool: every element of every tensor is finite."""
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-
-
-def _all_replicas_finite(finite):
-    """`finite` and-ed over replicas, so that every replica takes the same path."""
-    replica = tf.distribute.get_replica_context()
-    if replica is None or replica.num_replicas_in_sync == 1:
-        return finite
-    # ReduceOp has no MIN: count the replicas where it is false.
-    bad = replica.all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(finite), tf.float32)
-    )
-    return bad < 0.5
-
-
-class DynamicLossScale:
-    """Dynamic loss scaling for float16 (Micikevicius et al., 2018), as Keras'
-    `LossScaleOptimizer` does it, but kept outside the optimizers so that a
-    non-finite step can be skipped for both twins at once.
-
-    The loss is multiplied by the scale before differentiation and the gradients
-    divided by it. A step with a non-finite gradient halves the scale; 2,000
-    finite steps in a row double it. Without float16 every method is the
-    identity and no variable is made.
-
-    Args:
-        model: the `GAL` model whose weights hold the state.
-        name: prefix of the state variables.
-        initial: the starting scale.
-        growth_steps: finite steps between doublings.
-    """
-
-    def __init__(self, model, name, initial=2.0**15, growth_steps=2000):
-        self.enabled = model.loss_scaling
-        self.growth_steps = growth_steps
-        if not self.enabled:
-            return
-
-        def state(suffix, dtype, initial_value):
-            return model.add_weight(
-                shape=(),
-                dtype=dtype,
-                initializer=keras.initializers.Constant(initial_value),
-                trainable=False,
-                aggregation="only_first_replica",
-                name=f"{name}_{suffix}",
-            )
-
-        self.value = state("loss_scale", "float32", initial)
-        self.good_steps = state("good_steps", "int32", 0)
-        self.skipped_steps = state("skipped_steps", "int32", 0)
-
-    def scale(self, loss):
-        return loss * self.value if self.enabled else loss
-
-    def unscale(self, grads):
-        if not self.enabled:
-            return grads
-        return [g / tf.cast(self.value, g.dtype) for g in grads]
-
-    def update(self, finite):
-        """Records a step whose gradients were `finite` (a bool tensor, the same
-        on every replica) and returns it."""
-        good = tf.where(finite, self.good_steps + 1, 0)
-        grow = good >= self.growth_steps
-        new_value = tf.where(
-            finite,
-            tf.where(grow, self.value * 2.0, self.value),
-            tf.maximum(self.value / 2.0, 1.0),
-        )
-        self.value.assign(new_value)
-        self.good_steps.assign(tf.where(grow, 0, good))
-        self.skipped_steps.assign_add(tf.cast(tf.logical_not(finite), tf.int32))
-        return finite
 
 
 class VectorMean(keras.metrics.Metric):
@@ -1112,11 +947,6 @@ def _dense(gradient, variable):
     if gradient is None:
         return tf.zeros_like(variable.value)
     return tf.convert_to_tensor(gradient)
-
-
-def _assign(var, value):
-    var.assign(value)
-    return tf.constant(True)
 
 
 def pseudo_label_statistics(probabilities, labels, clean_labels, epsilon):

@@ -568,7 +568,9 @@ def agreement_figure(runs, column="agreement_ratio"):
     Args:
         runs: iterable of `Run`; those without `steps.csv` are skipped.
         column: "agreement_ratio" (the share of variables whose gate is open) or
-            "agreement_param_ratio" (the share of scalar parameters in them).
+            "agreement_param_ratio" (the share of scalar parameters in them). Runs
+            with `agreement_granularity` channel or element always show the share
+            of parameters, and say their granularity in their label.
 
     Returns:
         A matplotlib Figure; each curve's label is the run's label (its run name
@@ -578,7 +580,8 @@ def agreement_figure(runs, column="agreement_ratio"):
         raise ValueError(
             f"column={column!r}; choose one of {tuple(AGREEMENT_COLUMNS)}."
         )
-    runs = [r for r in runs if r.steps and r.steps.get(column)]
+    columns = {r.path: _agreement_column(r, column) for r in runs}
+    runs = [r for r in runs if r.steps and r.steps.get(columns[r.path])]
     if not runs:
         raise ValueError(f"No run has {column} in a {STEPS}.")
     labels = [r.label for r in runs]
@@ -587,9 +590,16 @@ def agreement_figure(runs, column="agreement_ratio"):
     for run, label in zip(runs, labels):
         if labels.count(label) > 1:
             label = f"{label} ({run.name})"
-        ax.plot(run.steps["step"], run.steps[column], label=label, gid=run.path)
+        granularity = _granularity(run)
+        if granularity != "variable":
+            label = f"{label}, {granularity} gates"
+        values = run.steps[columns[run.path]]
+        ax.plot(run.steps["step"], values, label=label, gid=run.path)
+    shown = sorted({columns[r.path] for r in runs}, key=list(AGREEMENT_COLUMNS).index)
     ax.set(
-        title=f"Agreement ratio ({AGREEMENT_COLUMNS[column]})",
+        title="Agreement ratio ("
+        + "; ".join(AGREEMENT_COLUMNS[c] for c in shown)
+        + ")",
         xlabel="iteration",
         ylabel="agreement ratio",
         ylim=(0, 1.05),
@@ -597,6 +607,16 @@ def agreement_figure(runs, column="agreement_ratio"):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _granularity(run):
+    return run.config_with_defaults().get("agreement_granularity", "variable")
+
+
+def _agreement_column(run, column):
+    """The column plotted for `run`: with channel or element gates no variable
+    opens as a whole, so such a run's curve is its share of parameters."""
+    return "agreement_param_ratio" if _granularity(run) != "variable" else column
 
 
 def tau_points(runs):

@@ -5,8 +5,10 @@ beside a validation split.
 What is logged:
 - every `every_n_steps` steps, the step's own values (not epoch means): the twins'
   and θC's losses, the agreement ratio as a share of variables and of scalar
-  parameters (Figure 1), the share of variables updated, and a histogram of the
-  per-variable agreement cosines (Eq. 4); during warm-up the twins see identical
+  parameters (Figure 1; with channel or element gates the first is the mean over
+  variables of each one's open share), the share of variables updated, and a
+  histogram of the per-variable agreement cosines (Eq. 4; with channel or element
+  gates, each variable's mean coefficient); during warm-up the twins see identical
   batches, so the agreement ratio is 1 by definition (Figure 1's early plateau);
 - every epoch, every value in Keras' logs: the training means, the test (or
   validation) accuracy of θA, θB, joint and θC (and, with a noisy held-out split,

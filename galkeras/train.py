@@ -50,6 +50,7 @@ _DEFAULTS = dict(
     random_update_prob=0.8,
     sampling="cdas",
     masked_update="skip",
+    agreement_granularity="variable",
     augment="auto",
     train_student=True,
     model_dir="",
@@ -74,6 +75,7 @@ BACKBONES = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")
 UPDATE_RULES = ("agreement", "random", "all")
 SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
+GRANULARITIES = ("variable", "channel", "element")
 AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -134,6 +136,7 @@ class TrainConfig:
     random_update_prob: float = _DEFAULTS["random_update_prob"]
     sampling: str = _DEFAULTS["sampling"]
     masked_update: str = _DEFAULTS["masked_update"]
+    agreement_granularity: str = _DEFAULTS["agreement_granularity"]
     augment: str = _DEFAULTS["augment"]
     train_student: bool = _DEFAULTS["train_student"]
     model_dir: str = _DEFAULTS["model_dir"]
@@ -243,6 +246,7 @@ def config_problems(config):
         ("update_rule", c.update_rule, UPDATE_RULES),
         ("sampling", c.sampling, SAMPLING_MODES),
         ("masked_update", c.masked_update, MASKED_UPDATES),
+        ("agreement_granularity", c.agreement_granularity, GRANULARITIES),
         ("augment", c.augment, AUGMENTATIONS),
         ("weight_decay_mode", c.weight_decay_mode, WEIGHT_DECAY_MODES),
         ("strategy", c.strategy, STRATEGIES),
@@ -667,6 +671,7 @@ def _fit_and_write(
             update_rule=config.update_rule,
             random_update_prob=config.random_update_prob,
             masked_update=config.masked_update,
+            agreement_granularity=config.agreement_granularity,
             train_student=config.train_student,
             seed=config.seed,
             on_nonfinite=config.on_nonfinite,
@@ -858,9 +863,12 @@ def _steps_of_all_workers(strategy, step):
 
 
 def per_variable_agreement_logger(gal, path):
-    """A callback writing, per epoch, each twin variable's share of steps whose
-    gate was open: one CSV row per epoch, one column per variable of θA (by path).
-    This is the per-layer view of the agreement ratio (Figure 1, §4.3.3)."""
+    """A callback writing, per epoch, each twin variable's mean share of open
+    gates over the epoch's steps: one CSV row per epoch, one column per variable of
+    θA (by path). With one gate per variable this is the share of steps whose gate
+    was open; at `channel` or `element` granularity, the mean share of the
+    variable's scalar parameters whose gate was open. This is the per-layer view of
+    the agreement ratio (Figure 1, §4.3.3)."""
     import keras
 
     names = [v.path for v in gal.twin_a.trainable_variables]
@@ -1126,6 +1134,12 @@ def define_flags(flag_values=None):
     )
     define.string("sampling", d["sampling"], f"One of {SAMPLING_MODES}.")
     define.string("masked_update", d["masked_update"], f"One of {MASKED_UPDATES}.")
+    define.string(
+        "agreement_granularity",
+        d["agreement_granularity"],
+        f"One of {GRANULARITIES}: one agreement coefficient per trainable variable, "
+        "per output channel, or per scalar (sign agreement).",
+    )
     define.string(
         "augment",
         d["augment"],

@@ -80,6 +80,38 @@ def test_two_replicas_match_one_device(tau):
     )
 
 
+def test_element_granularity_on_two_replicas_matches_one_device():
+    """Gates from the global gradients: two agreement steps, the same weights."""
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs the two logical CPUs that conftest configures")
+    images, labels = tiny_data(16)
+    results = []
+    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), _mirrored()):
+        with strategy.scope():
+            gal = GAL(
+                _net("twin_a"),
+                _net("twin_b"),
+                _net("student"),
+                warmup_epochs=0,
+                train_student=False,
+                agreement_granularity="element",
+            )
+            gal.compile(optimizer=optimizers.SGD(0.1, momentum=0.9))
+        gal.fit(TrainingSet(images, labels, batch_size=8), epochs=1, verbose=0)
+        results.append(gal)
+    one, two = results
+    assert 0 < float(two.last_step["agreement_param_ratio"].numpy()) < 1
+    for key in ("agreement_param_ratio", "agreement_per_variable"):
+        np.testing.assert_allclose(
+            one.last_step[key].numpy(), two.last_step[key].numpy(), atol=1e-6
+        )
+    for net in ("twin_a", "twin_b"):
+        for a, b in zip(
+            getattr(one, net).get_weights(), getattr(two, net).get_weights()
+        ):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def _pair(strategy, tau):
     with strategy.scope():
         gal = GAL(

@@ -124,14 +124,21 @@ def test_float16_loss_scale_grows_after_finite_steps(policy):
 def test_float16_one_twins_non_finite_gradient_skips_both(policy):
     policy("mixed_float16")
     images, labels = tiny_data(48)
-    gal = _gal(warmup_epochs=1, tau=-1.0, train_student=False)
+    # Element gates ("same sign"): the float16 gradients' signs, in float32.
+    gal = _gal(
+        warmup_epochs=1, tau=0.5, train_student=False, agreement_granularity="element"
+    )
     gal.enter_epoch(1)
+    initial = _snapshot(gal)
 
     def run(batch):
         gal.train_function(iter(tf.data.Dataset.from_tensors(batch)))
 
     run(_batch(images, labels))
     before = _snapshot(gal)
+    assert all(np.all(np.isfinite(w)) for w in before[0] + before[1])
+    assert any(not np.array_equal(a, b) for a, b in zip(initial[0], before[0]))
+    assert 0 < float(gal.last_step["agreement_param_ratio"].numpy()) < 1
     run(_batch(images, labels, nan_in_b=True))  # θA's gradient is finite
     for a, b in zip(before[0] + before[1], _snapshot(gal)[0] + _snapshot(gal)[1]):
         np.testing.assert_array_equal(a, b)

@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_data, tiny_net
 
-from galkeras import optimizers
-from galkeras.model import GAL, optimizer_slots
+from galkeras import agreement, optimizers
+from galkeras.gated_update import optimizer_slots
+from galkeras.model import GAL
 from galkeras.training_set import TrainingSet
 
 
@@ -39,7 +40,7 @@ def _state(gal):
         "a": gal.twin_a.trainable_variables,
         "b": gal.twin_b.trainable_variables,
     }
-    slots = dict(zip("ab", gal._slots))
+    slots = {k: u.slots for k, u in zip("ab", gal._gated_updates)}
     return {
         k: [
             (v.numpy().copy(), [s.numpy().copy() for s in sl])
@@ -55,9 +56,8 @@ def _one_agreement_step(gal, batch):
     return tf.function(gal.train_step)(batch)
 
 
-def _coefficients(gal, batch):
-    """Independent reference: each twin's CE gradients and their NumPy cosine."""
-    cos = []
+def _reference_gradients(gal, batch):
+    """Independent reference: each twin's CE gradients as NumPy arrays."""
     grads = {}
     for key, net in (("a", gal.twin_a), ("b", gal.twin_b)):
         with tf.GradientTape() as tape:
@@ -69,9 +69,15 @@ def _coefficients(gal, batch):
                     batch[f"label_{key}"], logits, from_logits=True
                 )
             )
-        grads[key] = [
-            g.numpy().ravel() for g in tape.gradient(loss, net.trainable_variables)
-        ]
+        grads[key] = [g.numpy() for g in tape.gradient(loss, net.trainable_variables)]
+    return grads
+
+
+def _coefficients(gal, batch):
+    """Independent reference: each twin's CE gradients and their NumPy cosine."""
+    cos = []
+    reference = _reference_gradients(gal, batch)
+    grads = {k: [g.ravel() for g in v] for k, v in reference.items()}
     for ga, gb in zip(grads["a"], grads["b"]):
         cos.append(ga @ gb / (np.linalg.norm(ga) * np.linalg.norm(gb) + 1e-12))
     return np.array(cos)
@@ -92,7 +98,8 @@ def test_warmup_switch_copies_weights_and_optimizer_state(tiny):
     assert int(gal.optimizer_b.iterations.numpy()) == 3
     for sa, sb in zip(gal.optimizer.variables, gal.optimizer_b.variables):
         np.testing.assert_array_equal(sa.numpy(), sb.numpy())
-    assert any(np.any(s.numpy() != 0) for slots in gal._slots[0] for s in slots)
+    slots_a = gal._gated_updates[0].slots
+    assert any(np.any(s.numpy() != 0) for slots in slots_a for s in slots)
     # A second switch (e.g. a resumed run) must not copy θA over θB again.
     gal.twin_b.trainable_variables[0].assign_add(
         tf.ones_like(gal.twin_b.trainable_variables[0])
@@ -157,6 +164,81 @@ def test_skip_keeps_gated_off_variables_and_slots_bit_identical(make_optimizer):
                 assert v1.tobytes() == v0.tobytes()
                 for x, y in zip(s1, s0):
                     assert x.tobytes() == y.tobytes()
+
+
+def _channel_cosines(a, b):
+    """NumPy cosine per slice along the last axis (one value for a scalar)."""
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    dot, norms = (a * b).sum(0), np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0)
+    return np.where(norms > 0, dot / np.where(norms > 0, norms, 1), 0.0)
+
+
+def test_channel_granularity_gates_channels_and_logs_the_parameter_share():
+    batch = _batch()
+    gal = _gal(warmup_epochs=0, train_student=False, agreement_granularity="channel")
+    assert GAL.from_config(gal.get_config()).agreement_granularity == "channel"
+    gal.enter_epoch(0)  # θB := θA
+    grads = _reference_gradients(gal, batch)
+    cosines = [_channel_cosines(a, b) for a, b in zip(grads["a"], grads["b"])]
+    gal.tau = float(np.median(np.concatenate(cosines)))
+    before = _state(gal)
+    _one_agreement_step(gal, batch)
+    variables = gal.twin_a.trainable_variables
+    sizes = np.array([np.prod(v.shape) for v in variables])
+    shares = np.array([np.mean(c >= gal.tau) for c in cosines])
+    last = {k: v.numpy() for k, v in gal.last_step.items()}
+    np.testing.assert_allclose(
+        last["agreement_param_ratio"], (shares * sizes).sum() / sizes.sum(), atol=1e-6
+    )
+    np.testing.assert_allclose(last["agreement_ratio"], shares.mean(), atol=1e-6)
+    np.testing.assert_allclose(
+        last["agreement_per_variable"], [c.mean() for c in cosines], atol=1e-5
+    )
+    np.testing.assert_allclose(gal.variable_open_fraction.result(), shares, atol=1e-6)
+    assert 0 < last["agreement_param_ratio"] < 1
+    for key in "ab":
+        for (v0, s0), (v1, s1), c, g in zip(
+            before[key], _state(gal)[key], cosines, grads[key]
+        ):
+            closed = np.broadcast_to(c < gal.tau, v0.shape)
+            for old, new in zip([v0, *s0], [v1, *s1]):
+                assert new[closed].tobytes() == old[closed].tobytes()
+            np.testing.assert_array_equal(
+                (v1 != v0)[~closed & (np.abs(g) > 1e-5)], True
+            )
+
+
+def test_random_rule_at_element_granularity_opens_the_same_elements_in_both_twins():
+    batch = _batch()
+    gal = _gal(
+        optimizer=optimizers.SGD(0.1, momentum=0.0, weight_decay=0.0),
+        warmup_epochs=0,
+        train_student=False,
+        update_rule="random",
+        random_update_prob=0.5,
+        agreement_granularity="element",
+    )
+    gal.enter_epoch(0)
+    grads = _reference_gradients(gal, batch)
+    variables = gal.twin_a.trainable_variables
+    gates = agreement.random_unit_gates(
+        [v.shape for v in variables], 0.5, tf.constant([gal.seed, 0]), "element"
+    )
+    before = _state(gal)
+    logs = _one_agreement_step(gal, batch)
+    gates = [g.numpy() for g in gates]
+    # The updated ratio is the mean over variables of each one's open share.
+    share = np.mean([g.mean() for g in gates])
+    np.testing.assert_allclose(float(gal.last_step["updated_ratio"]), share, atol=1e-6)
+    assert 0.4 < float(logs["updated_ratio"]) < 0.6
+    for key in "ab":
+        for (v0, _), (v1, _), gate, g in zip(
+            before[key], _state(gal)[key], gates, grads[key]
+        ):
+            moved = v1 != v0
+            assert not moved[~gate].any()
+            np.testing.assert_array_equal(moved[gate & (np.abs(g) > 1e-5)], True)
 
 
 def test_zero_grad_lets_momentum_and_decay_move_gated_off_variables():

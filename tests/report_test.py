@@ -242,6 +242,19 @@ def test_agreement_figure_has_a_curve_per_run_with_steps(tmp_path):
     np.testing.assert_allclose(params.lines[0].get_ydata(), [0.5, 0.5, 0.5])
 
 
+def test_agreement_figure_shows_the_parameter_share_of_finer_gates(tmp_path):
+    runs = [
+        report.load_run(write_run(tmp_path, "whole")),
+        report.load_run(write_run(tmp_path, "signs", agreement_granularity="element")),
+    ]
+    ax = report.agreement_figure(runs).axes[0]
+    whole, signs = ax.lines
+    assert signs.get_label().endswith(", element gates")
+    np.testing.assert_allclose(whole.get_ydata(), [s[3] for s in STEPS])
+    np.testing.assert_allclose(signs.get_ydata(), [0.5, 0.5, 0.5])
+    assert "share of parameters" in ax.get_title()
+
+
 def test_tau_figure_plots_joint_best_and_last_sorted_by_tau(tmp_path):
     twins = dict(train_student=False)
     runs = [

@@ -35,6 +35,7 @@ def test_cli_choices_match_the_library():
     assert train.UPDATE_RULES == agreement.UPDATE_RULES
     assert train.SAMPLING_MODES == sampling.SAMPLING_MODES
     assert train.MASKED_UPDATES == model.MASKED_UPDATES
+    assert train.GRANULARITIES == agreement.GRANULARITIES
     assert train.ON_NONFINITE == model.ON_NONFINITE
     assert train.LOCK_FILE == checkpointing.LOCK_FILE
     assert train.AUGMENTATIONS == ("auto", *augment.AUGMENTATIONS)
@@ -172,6 +173,15 @@ BAD_FLAGS = [
     (["--epochs=5", "--warmup_epochs=6", "--lr_decay_epochs=2"], "--warmup_epochs"),
     (["--lr_decay_epochs=x"], "--lr_decay_epochs"),
 ]
+
+
+def test_unknown_agreement_granularity_exits_2_naming_flag_and_choices(tmp_path):
+    result = _cli(
+        "--agreement_granularity=layer", f"--model_dir={tmp_path / 'run'}", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "--agreement_granularity='layer'" in result.stderr
+    assert all(f"'{choice}'" in result.stderr for choice in train.GRANULARITIES)
 
 
 @pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[f[0][0] for f in BAD_FLAGS])
