@@ -1,235 +1,333 @@
-"""Does GAL stop the memorisation of noisy labels? A CPU-scale answer on real data.
+"""Does gradient agreement itself stop memorisation? Controls, regimes, granularities.
 
-Trains, on one reduced-scale Fashion-MNIST setting in which plain cross entropy
-memorises, the paper's Table-1/Table-4 contenders side by side with the same data,
-noisy labels, seed and schedule:
+On reduced-scale Fashion-MNIST settings, trains GAL at each agreement granularity
+beside the controls that isolate what the gate does, with the same data, noisy
+labels, seeds and schedule:
 
-- `ce`: one network with cross entropy all along (warm-up = every epoch);
-- `all`: θA + θB + CE, no gating (`update_rule=all`), joint prediction;
-- `gal`: GAL; reported as the twins' joint prediction and as θC (full GAL);
-- `random`: random updating with the paper's p (Table 4), joint prediction;
-- `gal_early`: GAL with the warm-up cut to a tenth of the epochs (not the paper's
-  schedule shape): the investigation of when agreement must start.
+- `ce`: one network, cross entropy all along (its `selected` is early-stopped CE);
+- `all`: θA + θB + CE, no gating (`update_rule=all`), θC distilled as in GAL;
+- `stop`: stop and distil: τ = 1 at `variable` granularity freezes the twins at W,
+  θC is trained as in GAL;
+- `gal_variable`, `gal_channel`, `gal_element`: GAL, τ = 0.4, at each granularity;
+- `random_variable`, `random_channel`, `random_element`: random updating at the
+  same granularity, with p = the share of parameters that the matching GAL run's
+  gate opened in phase 2 (same seed), so only *which* parameters update differs;
+- `tau_sweep`: τ = 0.2 and 0.6 at one granularity (`--sweep_granularity`).
 
-`all` and `random` train no θC (they are twin-level ablations); `ce` trains one net.
+Two regimes (`REGIMES`): `after_drop`, where CE's clean test accuracy still rises
+at the first learning-rate drop W and falls after it as CE fits the noisy labels
+(the paper's Table 1 shape), and `in_warmup`, where CE memorises during the
+high-learning-rate warm-up, before agreement starts.
 
-Usage (the full benchmark; see README "Does it work?" for its runtime):
+Every run is a normal `python -m galkeras.train` run in its own directory under
+`--out`, so the benchmark is resumable: finished runs are read back, unfinished
+ones resume. `--regimes`, `--noises`, `--seeds` and `--methods` select a part;
+`--jobs` runs that many trainings at once, each on one thread. Results go to
+`results.json`, `table.md` and `curves.png` (needs matplotlib,
+`pip install "galkeras[report]"`).
 
-    python benchmarks/memorisation.py --out=benchmarks/results/memorisation
+Usage:
 
-`--quick` runs a few-minute version that the test suite also runs; `--npz=PATH`
-uses any npz with `x_train`/`y_train`/`x_test`/`y_test` instead of Fashion-MNIST.
-Every run is a normal `galkeras.train` run (its `summary.json`, `history.csv` and
-`agreement_per_variable.csv` live under `--out`). The results are written as
-`results.json` and `table.md` (Table 1 layout), plus `curves.png` when matplotlib
-is installed (`pip install "galkeras[report]"`).
+    python benchmarks/memorisation.py --out=benchmarks/results/memorisation --jobs=2
+
+`--quick` is a one-minute version that the test suite runs.
 """
 
 import dataclasses
 import json
 import os
+import statistics
+import subprocess
 import sys
+import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from galkeras import train
+from galkeras.train import GRANULARITIES
 
-DEFAULT_NPZ = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "data", "fashion_mnist.npz"
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_NPZ = os.path.join(ROOT, "..", "shared", "data", "fashion_mnist.npz")
 
-# The paper's p for the random rule (Table 4): sym 20/50/80% and asym 40%.
-# Pairflip 45% has no paper value; it takes asym's.
-RANDOM_P = {
-    ("sym", 0.2): 0.8,
-    ("sym", 0.5): 0.5,
-    ("sym", 0.8): 0.2,
-    ("asym", 0.4): 0.6,
-    ("pairflip", 0.45): 0.6,
+NOISES = {
+    "sym50": ("sym", 0.5),
+    "sym80": ("sym", 0.8),
+    "pairflip45": ("pairflip", 0.45),
+}
+SWEEP_TAUS = (0.2, 0.6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """One reduced-scale setting: data, capacity and schedule."""
+
+    num_train: int
+    num_test: int
+    pool: int  # average-pool the 28x28 images by this factor
+    backbone_width: int
+    hidden_units: int
+    epochs: int
+    warmup_epochs: int  # ends at the first learning-rate drop, as in the paper
+    lr_decay_epochs: tuple
+    lr: float
+    batch_size: int
+    noisy_validation_split: float = 0.1
+    subset_seed: int = 0
+
+
+REGIMES = {
+    # CE's clean test accuracy still rises at the first drop, peaks just after it
+    # and falls as CE fits the noisy labels at the low learning rate.
+    "after_drop": Regime(
+        num_train=1000,
+        num_test=1000,
+        pool=2,
+        backbone_width=48,
+        hidden_units=0,
+        epochs=40,
+        warmup_epochs=15,
+        lr_decay_epochs=(15, 35),
+        lr=0.05,
+        batch_size=32,
+    ),
+    # A wide dense layer on the flattened features, at a lower learning rate,
+    # memorises during the warm-up, before agreement starts.
+    "in_warmup": Regime(
+        num_train=1000,
+        num_test=1000,
+        pool=2,
+        backbone_width=16,
+        hidden_units=128,
+        epochs=40,
+        warmup_epochs=15,
+        lr_decay_epochs=(15, 35),
+        lr=0.01,
+        batch_size=32,
+    ),
 }
 
-METHODS = ("ce", "all", "gal", "random", "gal_early")
-# (method, network) columns of the table: what each method reports.
-COLUMNS = (
-    ("ce", "twin_a"),
-    ("all", "joint"),
-    ("gal", "joint"),
-    ("gal", "student"),
-    ("random", "joint"),
-    ("gal_early", "joint"),
-    ("gal_early", "student"),
-)
-COLUMN_NAMES = {
-    ("ce", "twin_a"): "CE",
-    ("all", "joint"): "θA+θB+CE",
-    ("gal", "joint"): "GAL twins",
-    ("gal", "student"): "GAL (θC)",
-    ("random", "joint"): "random p (joint)",
-    ("gal_early", "joint"): "GAL, W=E/10 (joint)",
-    ("gal_early", "student"): "GAL, W=E/10 (θC)",
+QUICK_REGIMES = {
+    "quick": Regime(
+        num_train=300,
+        num_test=200,
+        pool=2,
+        backbone_width=8,
+        hidden_units=0,
+        epochs=6,
+        warmup_epochs=3,
+        lr_decay_epochs=(3, 5),
+        lr=0.05,
+        batch_size=32,
+        noisy_validation_split=0.2,
+    )
 }
+QUICK_METHODS = ("ce", "stop", "gal_element", "random_element")
 
 
-# Full-GAL variants that probe why GAL does or does not beat CE (issue #7): the
-# threshold τ, the masked-update semantics, CDAS against random pairing. Each one
-# changes one thing of `gal_early` (agreement from E/10), because with the paper's
-# W the twins of this setting have memorised before agreement starts. Run on the
-# first noise setting with `--investigate`.
-INVESTIGATIONS = {
-    "gal_tau0": {"tau": 0.0},
-    "gal_tau08": {"tau": 0.8},
-    "gal_zero_grad": {"masked_update": "zero_grad"},
-    "gal_random_pairs": {"sampling": "random"},
-    # Controls: is it *which* tensors agree, or only that few are updated? And is
-    # GAL more than stopping the twins and distilling them?
-    "random_p02": {"update_rule": "random", "random_update_prob": 0.2},
-    "gal_tau1": {"tau": 1.0},
-}
+def methods_for(sweep_granularity):
+    """Every method name, in the order they run (a random control after its gate)."""
+    names = ["ce", "all", "stop"]
+    for g in GRANULARITIES:
+        names += [f"gal_{g}", f"random_{g}"]
+    names += [f"tau{round(t * 10):02d}_{sweep_granularity}" for t in SWEEP_TAUS]
+    return names
 
 
-@dataclasses.dataclass
-class Setting:
-    """The reduced-scale setting: small enough for 2 CPU cores, large enough for
-    CE to memorise (train fit on the noisy labels climbs, test accuracy falls)."""
-
-    num_train: int = 2000
-    num_test: int = 1000
-    epochs: int = 60
-    warmup_epochs: int = 24  # ends at the first learning-rate drop, as in the paper
-    lr_decay_epochs: tuple = (24, 45)
-    lr: float = 0.06
-    batch_size: int = 128
-    backbone_width: int = 16
-    hidden_units: int = 128
-    noises: tuple = (("sym", 0.5), ("sym", 0.8), ("pairflip", 0.45))
-    seed: int = 0
+# The network each method reports: θC where a student is trained.
+def reported(method):
+    return "twin_a" if method == "ce" else "student"
 
 
-QUICK = Setting(
-    num_train=512,
-    num_test=500,
-    epochs=16,
-    warmup_epochs=6,
-    lr_decay_epochs=(6, 12),
-    batch_size=32,
-    noises=(("sym", 0.5),),
-)
+def method_flags(method, runs_of_setting):
+    """The flags that make `method` differ from the shared ones.
+
+    `runs_of_setting` maps finished method names of the same regime, noise and seed
+    to their summaries (the random controls take p from their gate's run)."""
+    if method == "ce":
+        return {"warmup_epochs": None, "train_student": False}
+    if method == "all":
+        return {"update_rule": "all"}
+    if method == "stop":
+        return {"tau": 1.0, "agreement_granularity": "variable"}
+    kind, _, granularity = method.partition("_")
+    if kind == "gal":
+        return {"agreement_granularity": granularity}
+    if kind == "random":
+        gate = runs_of_setting[f"gal_{granularity}"]
+        return {
+            "agreement_granularity": granularity,
+            "update_rule": "random",
+            "random_update_prob": round(gate["mean_agreement_param_ratio"], 6),
+        }
+    if kind.startswith("tau"):
+        return {"agreement_granularity": granularity, "tau": int(kind[3:]) / 10}
+    raise ValueError(f"unknown method {method!r}")
 
 
-def make_subset(npz_path, num_train, num_test, out_path, seed=0):
-    """A class-stratified subset of an npz dataset, written for the `npz:` source."""
+def make_subset(npz_path, regime, out_path):
+    """A class-stratified subset of an npz dataset, pooled, for the `npz:` source."""
     import numpy as np
 
     with open(npz_path, "rb") as f:
         data = dict(np.load(f, allow_pickle=False))
 
     def take(labels, count):
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(regime.subset_seed)
         classes = np.unique(labels)
-        per_class = count // len(classes)
         picks = [
-            rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes
+            rng.permutation(np.flatnonzero(labels == c))[: count // len(classes)]
+            for c in classes
         ]
         return np.sort(np.concatenate(picks))
 
-    train_idx = take(data["y_train"], num_train)
-    test_idx = take(data["y_test"], num_test)
+    def pool(x):
+        k = regime.pool
+        n, h, w = x.shape[:3]
+        x = x.astype(np.float32).reshape(n, h // k, k, w // k, k, *x.shape[3:])
+        return np.round(x.mean(axis=(2, 4))).astype(np.uint8)
+
+    train_idx = take(data["y_train"], regime.num_train)
+    test_idx = take(data["y_test"], regime.num_test)
     np.savez(
         out_path,
-        x_train=data["x_train"][train_idx],
+        x_train=pool(data["x_train"][train_idx]),
         y_train=data["y_train"][train_idx],
-        x_test=data["x_test"][test_idx],
+        x_test=pool(data["x_test"][test_idx]),
         y_test=data["y_test"][test_idx],
     )
     return out_path
 
 
-def method_config(method, setting, noise_type, noise_rate, dataset, run_dir):
-    """The `TrainConfig` of one method; everything else is shared."""
-    config = train.TrainConfig(
-        dataset=dataset,
-        noise_type=noise_type,
-        noise_rate=noise_rate,
-        seed=setting.seed,
-        noise_seed=setting.seed,
-        epochs=setting.epochs,
-        warmup_epochs=setting.warmup_epochs,
-        lr=setting.lr,
-        lr_decay_epochs=setting.lr_decay_epochs,
-        batch_size=setting.batch_size,
-        backbone_width=setting.backbone_width,
-        hidden_units=setting.hidden_units,
-        augment="none",
-        verbose=0,
-        model_dir=os.path.join(run_dir, "run"),
-        export_dir=os.path.join(run_dir, "export"),
-    )
-    if method == "ce":
-        return dataclasses.replace(
-            config, warmup_epochs=setting.epochs, train_student=False
-        )
-    if method == "all":
-        return dataclasses.replace(config, update_rule="all", train_student=False)
-    if method == "random":
-        p = RANDOM_P.get((noise_type, noise_rate), 0.5)
-        return dataclasses.replace(
-            config, update_rule="random", random_update_prob=p, train_student=False
-        )
-    if method == "gal_early":
-        return dataclasses.replace(config, warmup_epochs=max(1, setting.epochs // 10))
-    if method in INVESTIGATIONS:
-        return dataclasses.replace(
-            config,
-            warmup_epochs=max(1, setting.epochs // 10),
-            **INVESTIGATIONS[method],
-        )
-    return config
+def shared_flags(regime, noise, seed, dataset):
+    noise_type, noise_rate = NOISES[noise]
+    return {
+        "dataset": dataset,
+        "noise_type": noise_type,
+        "noise_rate": noise_rate,
+        "noise_seed": seed,
+        "seed": seed,
+        "epochs": regime.epochs,
+        "warmup_epochs": regime.warmup_epochs,
+        "lr": regime.lr,
+        "lr_decay_epochs": ",".join(str(e) for e in regime.lr_decay_epochs),
+        "batch_size": regime.batch_size,
+        "backbone_width": regime.backbone_width,
+        "hidden_units": regime.hidden_units,
+        "noisy_validation_split": regime.noisy_validation_split,
+        "augment": "none",
+        "verbose": 0,
+        "log_every_steps": 16,
+    }
 
 
-def run_benchmark(
-    setting, npz_path, out_dir, methods=METHODS, investigate=False, log=print
-):
-    """Runs every (noise, method) pair not already finished; returns the results.
+def flag_lines(values):
+    lines = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            lines.append(f"--{key}" if value else f"--no{key}")
+        else:
+            lines.append(f"--{key}={value}")
+    return "\n".join(lines) + "\n"
 
-    With `investigate`, the `INVESTIGATIONS` variants also run on the first noise
-    setting."""
-    os.makedirs(out_dir, exist_ok=True)
-    subset = make_subset(
-        npz_path,
-        setting.num_train,
-        setting.num_test,
-        os.path.join(out_dir, "subset.npz"),
-        seed=setting.seed,
-    )
-    results = {"setting": dataclasses.asdict(setting), "runs": {}}
-    for noise_type, noise_rate in setting.noises:
-        key = f"{noise_type}{round(noise_rate * 100)}"
-        extra = tuple(INVESTIGATIONS) if investigate and not results["runs"] else ()
-        for method in (*methods, *extra):
-            run_dir = os.path.join(out_dir, key, method)
-            summary_path = os.path.join(run_dir, "run", "summary.json")
-            if not os.path.exists(summary_path):
-                log(f"running {key} {method} …")
-                config = method_config(
-                    method, setting, noise_type, noise_rate, f"npz:{subset}", run_dir
+
+@dataclasses.dataclass
+class Job:
+    regime: str
+    noise: str
+    seed: int
+    method: str
+    run_dir: str
+
+    @property
+    def setting(self):
+        return (self.regime, self.noise, self.seed)
+
+
+def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
+    """Runs the unfinished `jobs`, `parallel` at a time, each single-threaded,
+    respecting that a random control waits for its gate's run."""
+    subsets = {}
+    pending = [j for j in jobs if not os.path.exists(_summary_path(j))]
+    running = []
+    while pending or running:
+        for job, proc, started in list(running):
+            if proc.poll() is not None:
+                running.remove((job, proc, started))
+                took = time.time() - started
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"{job.run_dir} failed (exit {proc.returncode}); see "
+                        f"{os.path.join(job.run_dir, 'train.log')}"
+                    )
+                log(f"done {job.run_dir} in {took:.0f} s")
+        ready = [
+            j
+            for j in pending
+            if not j.method.startswith("random_")
+            or os.path.exists(_summary_path(_gate_of(j)))
+        ]
+        while ready and len(running) < parallel:
+            job = ready.pop(0)
+            pending.remove(job)
+            regime = regimes[job.regime]
+            if job.regime not in subsets:
+                subsets[job.regime] = make_subset(
+                    npz_path, regime, os.path.join(out_dir, f"{job.regime}.npz")
                 )
-                train.run(config)
-            with open(summary_path) as f:
-                results["runs"].setdefault(key, {})[method] = json.load(f)
-            results["runs"][key][method]["history"] = _read_history(
-                os.path.join(run_dir, "run", "history.csv")
+            os.makedirs(job.run_dir, exist_ok=True)
+            finished = _finished_runs(job)
+            values = shared_flags(
+                regime, job.noise, job.seed, f"npz:{subsets[job.regime]}"
             )
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(markdown_table(results))
-        if investigate:
-            f.write("\n" + investigation_table(results))
-    try:
-        plot_curves(results, os.path.join(out_dir, "curves.png"))
-    except ImportError:
-        log("matplotlib is not installed: no curves.png (pip install galkeras[report])")
-    return results
+            values.update(method_flags(job.method, finished))
+            if values.get("warmup_epochs", 0) is None:
+                values["warmup_epochs"] = regime.epochs
+            values["model_dir"] = os.path.join(job.run_dir, "run")
+            values["export_dir"] = os.path.join(job.run_dir, "export")
+            flagfile = os.path.join(job.run_dir, "run.flags")
+            with open(flagfile, "w") as f:
+                f.write(flag_lines(values))
+            env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1")
+            env["TF_NUM_INTEROP_THREADS"] = "1"
+            env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+            env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+            with open(os.path.join(job.run_dir, "train.log"), "w") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "galkeras.train", f"--flagfile={flagfile}"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                )
+            log(f"started {job.run_dir}")
+            running.append((job, proc, time.time()))
+        if not ready and not running and pending:
+            missing = sorted({_gate_of(j).run_dir for j in pending})
+            raise RuntimeError(f"random controls need their gate runs: {missing}")
+        time.sleep(1)
+
+
+def _summary_path(job):
+    return os.path.join(job.run_dir, "run", "summary.json")
+
+
+def _gate_of(job):
+    granularity = job.method.partition("_")[2]
+    return dataclasses.replace(
+        job,
+        method=f"gal_{granularity}",
+        run_dir=os.path.join(os.path.dirname(job.run_dir), f"gal_{granularity}"),
+    )
+
+
+def _finished_runs(job):
+    setting_dir = os.path.dirname(job.run_dir)
+    runs = {}
+    for name in os.listdir(setting_dir):
+        path = os.path.join(setting_dir, name, "run", "summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                runs[name] = json.load(f)
+    return runs
 
 
 def _read_history(path):
@@ -237,150 +335,273 @@ def _read_history(path):
 
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows] for k in rows[0]}
+    return {k: [float(r[k]) if r[k] else float("nan") for r in rows] for k in rows[0]}
 
 
-def investigation_table(results):
-    """Best / last / best − last of θC and the joint twins for each variant."""
+def collect(jobs):
+    """results[regime][noise][method][seed] = summary with its history."""
+    results = {}
+    for job in jobs:
+        path = _summary_path(job)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            summary = json.load(f)
+        summary["history"] = _read_history(
+            os.path.join(job.run_dir, "run", "history.csv")
+        )
+        by_method = results.setdefault(job.regime, {}).setdefault(job.noise, {})
+        by_method.setdefault(job.method, {})[str(job.seed)] = summary
+    return results
+
+
+def seed_values(runs, method, network, key):
+    """`key` of `network` (percent) for each finished seed of `method`."""
+    return [s[network][key] for s in runs.get(method, {}).values() if key in s[network]]
+
+
+def mean_spread(values):
+    """Mean and spread (max − min over seeds) of a list of values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), max(values) - min(values)
+
+
+def _cell(values):
+    mean, spread = mean_spread(values)
+    if mean is None:
+        return "–"
+    return f"{mean:.1f} ± {spread / 2:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def markdown_tables(results, methods):
+    """One table per regime and metric: rows are noises, columns are methods."""
+    out = []
+    metrics = (
+        ("selected", "selected (noisy held-out)"),
+        ("last", "last"),
+        ("last10", "last 10 epochs"),
+        ("best", "best (test-selected)"),
+    )
+    for regime, by_noise in results.items():
+        present = [m for m in methods if any(m in r for r in by_noise.values())]
+        for key, title in metrics:
+            out.append(f"### {regime}: {title}, reported network\n")
+            out.append("| noise | " + " | ".join(present) + " |")
+            out.append("|---" * (len(present) + 1) + "|")
+            for noise, runs in by_noise.items():
+                cells = [_cell(seed_values(runs, m, reported(m), key)) for m in present]
+                out.append(f"| {noise} | " + " | ".join(cells) + " |")
+            out.append("")
+        out.append(f"### {regime}: share of parameters open in phase 2\n")
+        gated = [m for m in present if m != "ce"]
+        out.append("| noise | " + " | ".join(gated) + " |")
+        out.append("|---" * (len(gated) + 1) + "|")
+        for noise, runs in by_noise.items():
+            cells = []
+            for m in gated:
+                values = [
+                    s["mean_agreement_param_ratio"]
+                    for s in runs.get(m, {}).values()
+                    if s.get("mean_agreement_param_ratio") is not None
+                ]
+                cells.append(f"{statistics.fmean(values):.4f}" if values else "–")
+            out.append(f"| {noise} | " + " | ".join(cells) + " |")
+        out.append("")
+    out.append(
+        "Cells: clean test accuracy in percent, mean ± half the range over seeds. "
+        "The reported network is θC, and θA for `ce`. `best` picks the epoch on "
+        "the test set (test-selected); `selected` picks it on the noisy held-out "
+        "split, which a practitioner can do."
+    )
+    return "\n".join(out) + "\n"
+
+
+def verdicts(results):
+    """For each regime, noise and gate: does it beat both early-stopped CE and stop
+    and distil by more than the spread between seeds, on `selected` and `last`?"""
+    rows = []
+    for regime, by_noise in results.items():
+        for noise, runs in by_noise.items():
+            for method in sorted(runs):
+                if not method.startswith(("gal_", "tau")):
+                    continue
+                row = {"regime": regime, "noise": noise, "gate": method}
+                for key in ("selected", "last"):
+                    gate = seed_values(runs, method, "student", key)
+                    ce = seed_values(runs, "ce", "twin_a", "selected")
+                    stop = seed_values(runs, "stop", "student", key)
+                    if not (gate and ce and stop):
+                        continue
+                    g_mean, g_spread = mean_spread(gate)
+                    margins = []
+                    for baseline in (ce, stop):
+                        b_mean, b_spread = mean_spread(baseline)
+                        margins.append((g_mean - b_mean, max(g_spread, b_spread)))
+                    row[key] = {
+                        "minus_early_stopped_ce": margins[0][0],
+                        "minus_stop_and_distil": margins[1][0],
+                        "spread": max(m[1] for m in margins),
+                        "beats_both": all(d > s for d, s in margins),
+                    }
+                rows.append(row)
+    return rows
+
+
+def verdict_table(rows):
     lines = [
-        "| variant | GAL twins (joint) | GAL (θC) | phase-2 open params |",
-        "|---|---|---|---|",
+        "| regime | noise | gate | selected − early-stopped CE | selected − stop "
+        "| last − early-stopped CE | last − stop | seed spread | beats both? |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, runs in results["runs"].items():
-        for method in ("gal", "gal_early", *INVESTIGATIONS):
-            if method not in runs:
-                continue
-            r = runs[method]
-            cells = [
-                f"{r[n]['best']:.1f} / {r[n]['last']:.1f} / "
-                f"{r[n]['best_minus_last']:.1f}"
-                for n in ("joint", "student")
-            ]
-            ratio = r["mean_agreement_param_ratio"]
-            lines.append(f"| {key} {method} | {cells[0]} | {cells[1]} | {ratio:.4f} |")
+    for r in rows:
+        if "selected" not in r or "last" not in r:
+            continue
+        s, last = r["selected"], r["last"]
+        yes = ("selected" if s["beats_both"] else "") + (
+            " last" if last["beats_both"] else ""
+        )
+        lines.append(
+            f"| {r['regime']} | {r['noise']} | {r['gate']} "
+            f"| {s['minus_early_stopped_ce']:+.1f} | {s['minus_stop_and_distil']:+.1f} "
+            f"| {last['minus_early_stopped_ce']:+.1f} "
+            f"| {last['minus_stop_and_distil']:+.1f} "
+            f"| {max(s['spread'], last['spread']):.1f} | {yes.strip() or 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(results):
-    """Best / Last / Best−Last test accuracy (%) per setting and method (Table 1)."""
-    present = [
-        c for c in COLUMNS if any(c[0] in runs for runs in results["runs"].values())
-    ]
-    head = "| noise | " + " | ".join(COLUMN_NAMES[c] for c in present) + " |"
-    lines = [head, "|---" * (len(present) + 1) + "|"]
-    for key, runs in results["runs"].items():
-        cells = []
-        for method, net in present:
-            if method not in runs:
-                cells.append("–")
-                continue
-            s = runs[method][net]
-            cells.append(
-                f"{s['best']:.1f} / {s['last']:.1f} / {s['best_minus_last']:.1f}"
-            )
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Cells: best / last / best − last clean-test accuracy, percent.")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(results, path):
-    """One row per noise setting: test accuracy of every column; CE's fit of the
-    noisy labels against its test accuracy; GAL's agreement ratios; GAL's
-    pseudo-label coverage and precision. Needs matplotlib (`galkeras[report]`)."""
+def plot_curves(results, methods, path):
+    """Per regime two rows: CE's clean test accuracy, noisy held-out accuracy and
+    fit of the noisy training labels; then θC's test accuracy for each method
+    (first seed). Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(results["runs"])
-    fig, axes = plt.subplots(len(keys), 4, figsize=(20, 4.2 * len(keys)), squeeze=False)
-    warmup = results["setting"]["warmup_epochs"]
-    for row, key in zip(axes, keys):
-        runs = results["runs"][key]
-        for method, net in COLUMNS:
-            if method in runs:
-                acc = [100 * a for a in runs[method]["history"][f"val_{net}_accuracy"]]
-                row[0].plot(acc, label=COLUMN_NAMES[(method, net)])
-        row[0].set(title=f"{key}: clean test accuracy (%)", xlabel="epoch")
-        row[0].legend(fontsize=7)
-        if "ce" in runs:
-            h = runs["ce"]["history"]
-            row[1].plot(
-                [100 * a for a in h["train_label_agreement"]],
-                label="CE: fit of the noisy train labels",
+    regimes = list(results)
+    noises = [n for n in NOISES if any(n in results[r] for r in regimes)]
+    fig, axes = plt.subplots(
+        2 * len(regimes),
+        len(noises),
+        figsize=(6 * len(noises), 4.2 * 2 * len(regimes)),
+        squeeze=False,
+    )
+    for i, regime in enumerate(regimes):
+        for j, noise in enumerate(noises):
+            runs = results[regime].get(noise, {})
+            top, bottom = axes[2 * i][j], axes[2 * i + 1][j]
+            for seed, s in sorted(runs.get("ce", {}).items()):
+                h = s["history"]
+                style = dict(lw=1.2 if seed == "0" else 0.6)
+                top.plot(
+                    [100 * a for a in h["val_twin_a_accuracy"]],
+                    color="C0",
+                    label=f"clean test accuracy (seed {seed})",
+                    **style,
+                )
+                top.plot(
+                    [100 * a for a in h["train_label_agreement"]],
+                    color="C3",
+                    label=f"fit of the noisy train labels (seed {seed})",
+                    **style,
+                )
+                if "heldout_twin_a_accuracy" in h:
+                    top.plot(
+                        [100 * a for a in h["heldout_twin_a_accuracy"]],
+                        color="C2",
+                        label=f"noisy held-out accuracy (seed {seed})",
+                        **style,
+                    )
+            top.set(title=f"{regime}, {noise}: CE", xlabel="epoch", ylabel="%")
+            for k, method in enumerate(m for m in methods if m in runs):
+                first = runs[method][min(runs[method])]
+                net = reported(method)
+                bottom.plot(
+                    [100 * a for a in first["history"][f"val_{net}_accuracy"]],
+                    color=f"C{k % 10}",
+                    lw=1.0,
+                    label=method,
+                )
+            bottom.set(
+                title=f"{regime}, {noise}: clean test accuracy (θC; CE: θA)",
+                xlabel="epoch",
+                ylabel="%",
             )
-            row[1].plot(
-                [100 * a for a in h["train_clean_accuracy"]],
-                label="CE: train accuracy vs clean labels",
-            )
-            row[1].plot(
-                [100 * a for a in h["val_twin_a_accuracy"]],
-                label="CE: clean test accuracy",
-            )
-            row[1].set(title=f"{key}: CE memorisation (%)", xlabel="epoch")
-            row[1].legend(fontsize=7)
-        if "gal" in runs:
-            h = runs["gal"]["history"]
-            row[2].plot(h["agreement_ratio"], label="variables with open gate")
-            row[2].plot(h["agreement_param_ratio"], label="parameters with open gate")
-            row[2].plot(h["agreement"], label="mean cosine")
-            row[2].set(title=f"{key}: GAL agreement (τ=0.4)", xlabel="epoch")
-            row[2].legend(fontsize=7)
-            row[3].plot(h["pseudo_label_coverage"], label="coverage (max p > ε)")
-            row[3].plot(h["pseudo_label_precision"], label="precision vs clean")
-            row[3].plot(h["train_label_agreement"], label="joint fit of noisy labels")
-            row[3].set(title=f"{key}: GAL pseudo-labels", xlabel="epoch")
-            row[3].legend(fontsize=7)
-        for ax in row:
-            ax.axvline(warmup, color="grey", lw=0.8, ls=":")
+            warmup = None
+            for s in runs.get("stop", {}).values():
+                warmup = s.get("warmup_epochs")
+            for ax in (top, bottom):
+                if warmup:
+                    ax.axvline(warmup, color="grey", lw=0.8, ls=":")
+                ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
-
-
-def memorisation_evidence(history):
-    """CE's fit of the noisy training labels, against its clean test accuracy."""
-    return {
-        "final_train_label_agreement": history["train_label_agreement"][-1],
-        "final_train_batch_accuracy": history["twin_a_accuracy"][-1],
-        "best_test_accuracy": max(history["val_twin_a_accuracy"]),
-        "last_test_accuracy": history["val_twin_a_accuracy"][-1],
-    }
 
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "benchmarks/results/memorisation", "Output directory.")
 flags.DEFINE_string("npz", DEFAULT_NPZ, "Dataset npz (default: Fashion-MNIST).")
-flags.DEFINE_bool("quick", False, "A few-minute smoke version (used by the tests).")
-flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
-flags.DEFINE_bool(
-    "investigate", False, "Also run the INVESTIGATIONS variants on the first noise."
+flags.DEFINE_bool("quick", False, "A one-minute smoke version (used by the tests).")
+flags.DEFINE_list("regimes", list(REGIMES), f"Subset of {tuple(REGIMES)}.")
+flags.DEFINE_list("noises", list(NOISES), f"Subset of {tuple(NOISES)}.")
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds (weights, batches and noisy labels).")
+flags.DEFINE_list("methods", [], "Subset of the methods (default: all).")
+flags.DEFINE_enum(
+    "sweep_granularity", "channel", GRANULARITIES, "Granularity of the τ sweep."
 )
+flags.DEFINE_integer("jobs", 2, "Trainings run at once, each on one thread.")
+flags.DEFINE_bool("report_only", False, "Only collect finished runs and write.")
 
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     if not os.path.exists(FLAGS.npz):
         sys.exit(f"memorisation: --npz={FLAGS.npz} does not exist.")
-    unknown = set(FLAGS.methods) - set(METHODS)
-    if unknown:
-        sys.exit(f"memorisation: unknown --methods {sorted(unknown)}; use {METHODS}.")
-    setting = QUICK if FLAGS.quick else Setting()
-    results = run_benchmark(
-        setting,
-        FLAGS.npz,
-        FLAGS.out,
-        methods=FLAGS.methods,
-        investigate=FLAGS.investigate,
-    )
-    print(markdown_table(results))
-    if FLAGS.investigate:
-        print(investigation_table(results))
-    for key, runs in results["runs"].items():
-        if "ce" in runs:
-            print(key, "CE memorisation:", memorisation_evidence(runs["ce"]["history"]))
+    regimes = QUICK_REGIMES if FLAGS.quick else REGIMES
+    names = list(QUICK_REGIMES) if FLAGS.quick else FLAGS.regimes
+    all_methods = methods_for(FLAGS.sweep_granularity)
+    methods = list(QUICK_METHODS) if FLAGS.quick else (FLAGS.methods or all_methods)
+    problems = [f"--regimes: unknown {r!r}" for r in names if r not in regimes]
+    problems += [f"--noises: unknown {n!r}" for n in FLAGS.noises if n not in NOISES]
+    problems += [f"--methods: unknown {m!r}" for m in methods if m not in all_methods]
+    if problems:
+        sys.exit("memorisation: " + "; ".join(problems))
+    noises = ["sym50"] if FLAGS.quick else FLAGS.noises
+    seeds = [0] if FLAGS.quick else [int(s) for s in FLAGS.seeds]
+    os.makedirs(FLAGS.out, exist_ok=True)
+    jobs = [
+        Job(r, n, s, m, os.path.join(FLAGS.out, r, n, f"seed{s}", m))
+        for r in names
+        for n in noises
+        for s in seeds
+        for m in methods
+    ]
+    if not FLAGS.report_only:
+        run_jobs(jobs, FLAGS.out, regimes, FLAGS.npz, FLAGS.jobs, print)
+    # Everything finished under --out, not only this part's runs.
+    every = [
+        Job(r, n, s, m, os.path.join(FLAGS.out, r, n, f"seed{s}", m))
+        for r in regimes
+        for n in NOISES
+        for s in range(10)
+        for m in all_methods
+    ]
+    results = collect(every)
+    setting = {name: dataclasses.asdict(regimes[name]) for name in results}
+    with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+        json.dump({"regimes": setting, "runs": results}, f, indent=1)
+    rows = verdicts(results)
+    text = markdown_tables(results, all_methods) + "\n" + verdict_table(rows)
+    with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
+        f.write(text)
+    print(text)
+    try:
+        plot_curves(results, all_methods, os.path.join(FLAGS.out, "curves.png"))
+    except ImportError:
+        print("matplotlib is not installed: no curves.png (pip install .[report])")
 
 
 if __name__ == "__main__":
