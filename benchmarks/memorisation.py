@@ -20,7 +20,8 @@ at the first learning-rate drop W and falls after it as CE fits the noisy labels
 high-learning-rate warm-up, before agreement starts.
 
 Every run is a normal `python -m galkeras.train` run in its own directory under
-`--out`, so the benchmark is resumable: finished runs are read back, unfinished
+`--out/runs` (not committed: it holds checkpoints and the data subsets), so the
+benchmark is resumable: finished runs are read back, unfinished
 ones resume. `--regimes`, `--noises`, `--seeds` and `--methods` select a part;
 `--jobs` runs that many trainings at once, each on one thread. Results go to
 `results.json`, `table.md` and `curves.png` (needs matplotlib,
@@ -246,6 +247,7 @@ def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
     """Runs the unfinished `jobs`, `parallel` at a time, each single-threaded,
     respecting that a random control waits for its gate's run."""
     subsets = {}
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     pending = [j for j in jobs if not os.path.exists(_summary_path(j))]
     running = []
     while pending or running:
@@ -271,7 +273,7 @@ def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
             regime = regimes[job.regime]
             if job.regime not in subsets:
                 subsets[job.regime] = make_subset(
-                    npz_path, regime, os.path.join(out_dir, f"{job.regime}.npz")
+                    npz_path, regime, os.path.join(out_dir, "runs", f"{job.regime}.npz")
                 )
             os.makedirs(job.run_dir, exist_ok=True)
             finished = _finished_runs(job)
@@ -350,9 +352,54 @@ def collect(jobs):
         summary["history"] = _read_history(
             os.path.join(job.run_dir, "run", "history.csv")
         )
+        per_variable = _read_history(
+            os.path.join(job.run_dir, "run", "agreement_per_variable.csv")
+        )
+        phase2 = [
+            i
+            for i, e in enumerate(per_variable.pop("epoch"))
+            if e >= summary["history"]["epoch"][0] + _warmup_of(job)
+        ]
+        summary["phase2_open_share_per_variable"] = {
+            name: statistics.fmean(values[i] for i in phase2) if phase2 else None
+            for name, values in per_variable.items()
+        }
         by_method = results.setdefault(job.regime, {}).setdefault(job.noise, {})
         by_method.setdefault(job.method, {})[str(job.seed)] = summary
     return results
+
+
+def _warmup_of(job):
+    with open(os.path.join(job.run_dir, "run", "config.json")) as f:
+        return json.load(f)["warmup_epochs"]
+
+
+def layer_table(results):
+    """Per regime: each variable's share of open scalars in phase 2, for each
+    gate granularity (mean over noises and seeds): where the gates open."""
+    out = []
+    for regime, by_noise in results.items():
+        gates = [f"gal_{g}" for g in GRANULARITIES]
+        shares = {}
+        for runs in by_noise.values():
+            for gate in gates:
+                for s in runs.get(gate, {}).values():
+                    for name, v in s["phase2_open_share_per_variable"].items():
+                        if v is not None:
+                            shares.setdefault(name, {}).setdefault(gate, []).append(v)
+        if not shares:
+            continue
+        out.append(f"### {regime}: share of each variable open in phase 2 (τ = 0.4)\n")
+        out.append("| variable | " + " | ".join(gates) + " |")
+        out.append("|---" * (len(gates) + 1) + "|")
+        for name, by_gate in shares.items():
+            cells = [
+                f"{statistics.fmean(by_gate[g]):.3f}" if g in by_gate else "–"
+                for g in gates
+            ]
+            out.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
 
 
 def seed_values(runs, method, network, key):
@@ -573,7 +620,7 @@ def main(argv):
     seeds = [0] if FLAGS.quick else [int(s) for s in FLAGS.seeds]
     os.makedirs(FLAGS.out, exist_ok=True)
     jobs = [
-        Job(r, n, s, m, os.path.join(FLAGS.out, r, n, f"seed{s}", m))
+        Job(r, n, s, m, os.path.join(FLAGS.out, "runs", r, n, f"seed{s}", m))
         for r in names
         for n in noises
         for s in seeds
@@ -583,7 +630,7 @@ def main(argv):
         run_jobs(jobs, FLAGS.out, regimes, FLAGS.npz, FLAGS.jobs, print)
     # Everything finished under --out, not only this part's runs.
     every = [
-        Job(r, n, s, m, os.path.join(FLAGS.out, r, n, f"seed{s}", m))
+        Job(r, n, s, m, os.path.join(FLAGS.out, "runs", r, n, f"seed{s}", m))
         for r in regimes
         for n in NOISES
         for s in range(10)
@@ -594,7 +641,13 @@ def main(argv):
     with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
         json.dump({"regimes": setting, "runs": results}, f, indent=1)
     rows = verdicts(results)
-    text = markdown_tables(results, all_methods) + "\n" + verdict_table(rows)
+    text = "\n".join(
+        [
+            markdown_tables(results, all_methods),
+            verdict_table(rows),
+            layer_table(results),
+        ]
+    )
     with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
         f.write(text)
     print(text)

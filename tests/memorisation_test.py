@@ -33,7 +33,9 @@ def test_quick_benchmark_runs_controls_and_random_matches_its_gate(tmp_path):
         assert 0.0 <= ce["twin_a"][key] <= 100.0
     # The random control opens, in expectation, the share its gate opened.
     gate = runs["gal_element"]["0"]["mean_agreement_param_ratio"]
-    flags_text = out / "quick" / "sym50" / "seed0" / "random_element" / "run.flags"
+    flags_text = (
+        out / "runs" / "quick" / "sym50" / "seed0" / "random_element" / "run.flags"
+    )
     assert f"--random_update_prob={round(gate, 6)}" in flags_text.read_text()
     # Stop and distil: τ = 1 at variable granularity opens (almost) nothing.
     assert runs["stop"]["0"]["mean_agreement_param_ratio"] < 0.05

@@ -106,4 +106,4 @@ def test_two_workers_are_preempted_resume_and_only_the_chief_writes(tmp_path):
         d.startswith("galkeras-worker-") for d in os.listdir(tmp_path / "tmp0")
     )
     # Both workers trained the same model: the chief's summary is complete.
-    assert set(summary["student"]) == {"best", "last", "best_minus_last"}
+    assert set(summary["student"]) == {"best", "last", "best_minus_last", "last10"}
