@@ -55,6 +55,15 @@ NOISES = {
     "pairflip45": ("pairflip", 0.45),
 }
 SWEEP_TAUS = (0.2, 0.6)
+# The per-epoch curves that results.json keeps of each run.
+HISTORY_KEPT = (
+    "val_",
+    "heldout_",
+    "train_label_agreement",
+    "train_clean_accuracy",
+    "agreement",
+    "pseudo_label_",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,9 +358,12 @@ def collect(jobs):
             continue
         with open(path) as f:
             summary = json.load(f)
-        summary["history"] = _read_history(
-            os.path.join(job.run_dir, "run", "history.csv")
-        )
+        history = _read_history(os.path.join(job.run_dir, "run", "history.csv"))
+        summary["history"] = {
+            k: [round(v, 5) for v in values]
+            for k, values in history.items()
+            if k == "epoch" or k.startswith(HISTORY_KEPT)
+        }
         per_variable = _read_history(
             os.path.join(job.run_dir, "run", "agreement_per_variable.csv")
         )
@@ -639,7 +651,7 @@ def main(argv):
     results = collect(every)
     setting = {name: dataclasses.asdict(regimes[name]) for name in results}
     with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
-        json.dump({"regimes": setting, "runs": results}, f, indent=1)
+        json.dump({"regimes": setting, "runs": results}, f, separators=(",", ":"))
     rows = verdicts(results)
     text = "\n".join(
         [
