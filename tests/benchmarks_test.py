@@ -45,6 +45,11 @@ def test_tiny_performance_benchmark_writes_every_part(tmp_path):
         step["ratios"]
     )
     assert {"ratio", "rounds"} <= set(step["ratios"]["twins_over_ce"])
+    by_granularity = step["agreement_gating_by_granularity"]
+    assert set(by_granularity) == {"variable", "channel", "element"}
+    for entry in by_granularity.values():
+        assert entry["agreement_seconds"] > 0
+        assert isinstance(entry["ratio_over_twins"], float)
 
     scaling = read("agreement_scaling.json")
     assert len(scaling["backbones"]) >= 2
