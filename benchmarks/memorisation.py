@@ -463,6 +463,15 @@ def markdown_tables(results, methods):
                 cells = [_cell(seed_values(runs, m, reported(m), key)) for m in present]
                 out.append(f"| {noise} | " + " | ".join(cells) + " |")
             out.append("")
+        twins = [m for m in present if m != "ce"]
+        for key in ("selected", "last"):
+            out.append(f"### {regime}: {key}, the twins' joint prediction\n")
+            out.append("| noise | " + " | ".join(twins) + " |")
+            out.append("|---" * (len(twins) + 1) + "|")
+            for noise, runs in by_noise.items():
+                cells = [_cell(seed_values(runs, m, "joint", key)) for m in twins]
+                out.append(f"| {noise} | " + " | ".join(cells) + " |")
+            out.append("")
         out.append(f"### {regime}: share of the twins' parameters updated per step\n")
         gated = [m for m in present if m != "ce"]
         out.append("| noise | " + " | ".join(gated) + " |")
