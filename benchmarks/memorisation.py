@@ -12,7 +12,8 @@ labels, seeds and schedule:
 - `random_variable`, `random_channel`, `random_element`: random updating at the
   same granularity, with p = the share of parameters that the matching GAL run's
   gate opened in phase 2 (same seed), so only *which* parameters update differs;
-- `tau_sweep`: τ = 0.2 and 0.6 at one granularity (`--sweep_granularity`).
+- `tau02_<g>`, `tau06_<g>`: τ = 0.2 and 0.6 at granularity g
+  (`--sweep_granularity`, default `channel`).
 
 Two regimes (`REGIMES`): `after_drop`, where CE's clean test accuracy still rises
 at the first learning-rate drop W and falls after it as CE fits the noisy labels
@@ -142,8 +143,8 @@ def methods_for(sweep_granularity):
     return names
 
 
-# The network each method reports: θC where a student is trained.
 def reported(method):
+    """The network each method reports: θC where a student is trained."""
     return "twin_a" if method == "ce" else "student"
 
 
