@@ -582,6 +582,8 @@ class GAL(keras.Model):
         )
         if gates is None:
             updated_frac = tf.constant(1.0)
+        elif gates is agreed:  # the agreement rule: what is open is what updates
+            updated_frac = var_frac
         else:
             updated_frac, _ = agreement.open_fractions(
                 agreement.open_shares(gates), self._variable_sizes
