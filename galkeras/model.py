@@ -643,6 +643,19 @@ class GAL(keras.Model):
         p_a, p_b = self._twin_probabilities(tf.cast(images, tf.float32))
         return 0.5 * (p_a + p_b)
 
+    def classifier(self, network="student"):
+        """The network `network` names as one logits `keras.Model` of raw images,
+        for export: `student` (θC), `twin_a`, `twin_b`, or `joint`, the twins'
+        Eq. (6) prediction as the logits `log p_joint` (whose softmax is
+        `p_joint`)."""
+        if network != "joint":
+            return getattr(self, network)
+        images = keras.Input(self.twin_a.input_shape[1:], name="image")
+        logits = JointLogits(name="joint_logits")(
+            self.twin_a(images), self.twin_b(images)
+        )
+        return keras.Model(images, logits, name="joint")
+
     def test_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(images, tf.float32)
@@ -1043,3 +1056,18 @@ class _GALDriver(keras.callbacks.Callback):
             logs.update(self._gal.pseudo_label_stats)
             logs["cdas_fallbacks"] = float(self._sampler.fallback_count)
             logs["nonfinite_steps"] = float(self._gal.nonfinite_steps.numpy())
+
+
+@keras.saving.register_keras_serializable(package="galkeras")
+class JointLogits(keras.layers.Layer):
+    """Eq. (6) as logits: `log((softmax(z_A) + softmax(z_B)) / 2)`, so that a
+    softmax of the output gives back the twins' joint prediction `p_joint`."""
+
+    def call(self, logits_a, logits_b):
+        p_joint = 0.5 * (
+            keras.ops.softmax(keras.ops.cast(logits_a, "float32"))
+            + keras.ops.softmax(keras.ops.cast(logits_b, "float32"))
+        )
+        # The smallest normal float32: a probability that underflowed to 0 gives
+        # a very negative logit, not -inf.
+        return keras.ops.log(keras.ops.maximum(p_joint, 1.1754944e-38))

@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -82,6 +83,13 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
 LOCK_FILE = ".galkeras.lock"  # checkpointing.LOCK_FILE
 ON_NONFINITE = ("stop", "skip_step")
+# The largest --seed and --noise_seed: NumPy's and Keras' global seeds are 32-bit.
+MAX_SEED = 2**32 - 1
+# The flags that only some dataset sources read; any other source refuses them.
+DATASET_FLAGS = {
+    "folder": ("image_size", "validation_split", "labels_csv", "skip_corrupt_images"),
+    "clothing1m": ("image_size", "skip_corrupt_images"),
+}
 # Flags that may differ when a run resumes: where things are, how much is
 # printed and logged, how often it checkpoints, the hardware it runs on, and what
 # a non-finite step does. Every other flag changes the run.
@@ -165,6 +173,19 @@ def config_problems(config):
         if not ok:
             problems.append(message)
 
+    for field in dataclasses.fields(c):
+        value = getattr(c, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            # inf passes "> 0" and would only fail at the first steps.
+            problems.append(f"--{field.name}={value} must be a finite number.")
+    for flag in ("seed", "noise_seed"):
+        value = getattr(c, flag)
+        need(
+            0 <= value <= MAX_SEED,
+            f"--{flag}={value} must be an integer in [0, 2**32 - 1].",
+        )
+    need(c.verbose in (0, 1, 2), f"--verbose={c.verbose} must be 0, 1 or 2.")
+    problems += dataset_flag_problems(c)
     need(0.0 <= c.noise_rate < 1.0, f"--noise_rate={c.noise_rate} must be in [0, 1).")
     need(-1.0 <= c.tau <= 1.0, f"--tau={c.tau} must be in [-1, 1].")
     need(0.0 <= c.epsilon < 1.0, f"--epsilon={c.epsilon} must be in [0, 1).")
@@ -178,6 +199,11 @@ def config_problems(config):
     need(
         0 < c.lr_decay_factor <= 1,
         f"--lr_decay_factor={c.lr_decay_factor} must be in (0, 1].",
+    )
+    need(
+        len(set(map(int, c.lr_decay_epochs))) == len(c.lr_decay_epochs),
+        f"--lr_decay_epochs={','.join(map(str, c.lr_decay_epochs))} names an "
+        "epoch twice; list each decay epoch once.",
     )
     need(
         all(0 < int(e) < c.epochs for e in c.lr_decay_epochs),
@@ -266,27 +292,54 @@ def config_problems(config):
         problem = tf_config_problem(os.environ.get("TF_CONFIG"))
         need(problem is None, f"--strategy=multi_worker: {problem}")
         chief = problem is not None or tf_config_is_chief(os.environ["TF_CONFIG"])
-    if chief and not c.dry_run and not c.new_run:
-        problems += resume_problems(c)
+    if chief and not c.dry_run:
+        problems += foreign_directory_problems(c.model_dir)
+        if not c.new_run:
+            problems += resume_problems(c)
     return problems
+
+
+def dataset_flag_problems(config):
+    """Flags given a value (not their default) for a dataset that has no use for
+    them: refused, since a silently ignored flag misleads."""
+    source = config.dataset.partition(":")[0]
+    used = DATASET_FLAGS.get(source, ())
+    return [
+        f"--{flag} does not apply to --dataset={config.dataset} (only to "
+        + " and ".join(
+            sorted(name for name, flags_ in DATASET_FLAGS.items() if flag in flags_)
+        )
+        + "); remove it."
+        for flag in sorted({f for flags_ in DATASET_FLAGS.values() for f in flags_})
+        if flag not in used and getattr(config, flag) != _DEFAULTS[flag]
+    ]
+
+
+def foreign_directory_problems(directory):
+    """A refusal when `directory` holds files that are not a galkeras run's:
+    galkeras never writes among them, with or without --new_run."""
+    if not directory or not os.path.isdir(directory):
+        return []
+    # Only a lock: another process has just started this run (the lock says so),
+    # or a run that stopped before it wrote its record.
+    if not set(os.listdir(directory)) - {LOCK_FILE, "config.json.partial"}:
+        return []
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return []
+    return [
+        f"--model_dir={directory} holds files but no galkeras run "
+        "(config.json); galkeras never writes among them. Choose another "
+        "--model_dir (a new or empty directory)."
+    ]
 
 
 def resume_problems(config):
     """Why `config.model_dir` cannot be resumed with `config` (empty when it can,
     or when it holds no run yet)."""
     directory = config.model_dir
-    if not directory or not os.path.isdir(directory):
+    started = os.path.join(directory or "", "config.json")
+    if not directory or not os.path.isfile(started):
         return []
-    # A lock alone: another process has just started this run (the lock says so).
-    if not set(os.listdir(directory)) - {LOCK_FILE}:
-        return []
-    started = os.path.join(directory, "config.json")
-    if not os.path.isfile(started):
-        return [
-            f"--model_dir={directory} holds files but no galkeras run "
-            "(config.json); galkeras never overwrites them. Choose another "
-            "--model_dir."
-        ]
     try:
         with open(started) as f:
             before = json.load(f)
@@ -359,7 +412,8 @@ def run(config):
     # Before any other TensorFlow op: a multi-worker strategy configures the
     # collective runtime, which must happen at program start-up.
     strategy = make_strategy(config.strategy)
-    from galkeras.checkpointing import RunInUse
+    from galkeras.checkpointing import CheckpointWriteError, Preempted, RunInUse
+    from galkeras.model import NonFiniteError
 
     if config.deterministic:
         import tensorflow as tf
@@ -373,13 +427,25 @@ def run(config):
         return {**finished.summary, "already_finished": str(finished)}
     except (ValueError, RunInUse) as error:  # includes DatasetError
         raise ConfigError(str(error)) from error
+    model_dir = prepared[5]
+    scratch = config.dry_run or lock is None  # a temporary directory
     if config.dry_run:
         config = dry_run_config(config)
     try:
-        return _train(config, strategy, *prepared)
+        summary = _train(config, strategy, *prepared)
+    except (Preempted, NonFiniteError, CheckpointWriteError) as fault:
+        # The message of a fault that leaves a resumable run names the directory
+        # to resume, which the command line may not (--new_run, no --model_dir).
+        fault.model_dir = model_dir
+        raise
     finally:
         if lock is not None:
             lock.release()
+        if scratch:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    if scratch:
+        summary["model_dir"] = None
+    return summary
 
 
 def tf_config_problem(text):
@@ -399,6 +465,14 @@ def tf_config_problem(text):
         return f"TF_CONFIG is not valid JSON with cluster and task ({error})."
     if not workers:
         return "TF_CONFIG's cluster lists no worker."
+    tasks = value["cluster"].get(task["type"])
+    if not isinstance(tasks, list) or not 0 <= int(task["index"]) < len(tasks):
+        listed = len(tasks) if isinstance(tasks, list) else 0
+        return (
+            f"TF_CONFIG's task is {task['type']} {task['index']}, but its cluster "
+            f"lists {listed} {task['type']} task(s); the index must be in "
+            f"[0, {listed})."
+        )
     return None
 
 
@@ -517,26 +591,59 @@ def _prepare(config, chief=True):
         model_dir = tempfile.mkdtemp(prefix=f"galkeras-{kind}-{name}-")
         export_dir = None
     else:
-        started = os.path.isfile(os.path.join(model_dir, "config.json"))
-        if config.new_run and started:
-            model_dir = f"{model_dir.rstrip(os.sep)}-{stamp}"
+        if not config.model_dir:
+            model_dir = unused_directory(model_dir)
+        elif config.new_run and _holds_a_run(model_dir):
+            model_dir = unused_directory(f"{model_dir.rstrip(os.sep)}-{stamp}")
             logging.warning("--new_run: this run goes to %s.", model_dir)
         _refuse_finished(model_dir)
         checkpointing.check_writable(model_dir, "--model_dir")
         export.check_export_base(export_dir)
         lock = checkpointing.RunLock(model_dir).acquire()
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        # A new run: its labels and flags, written once and kept for resumes.
-        np.savez(
-            os.path.join(model_dir, "labels.npz"),
-            noisy_labels=noisy,
-            **({"clean_labels": clean} if clean is not None else {}),
-            **({"heldout_ids": split[1]} if config.noisy_validation_split else {}),
-        )
-        with open(os.path.join(model_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
-
     return data, noisy, clean, split, noise_rate_actual, model_dir, export_dir, lock
+
+
+def _holds_a_run(directory):
+    """Whether `directory` holds a galkeras run (its `config.json`)."""
+    return os.path.isfile(os.path.join(directory, "config.json"))
+
+
+def unused_directory(path):
+    """`path`, or `path-2`, `path-3`, ... : the first that does not exist yet (two
+    runs started within the same second would otherwise share a directory)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def write_run_record(model_dir, config, noisy, clean, heldout_ids):
+    """Writes a new run's `config.json` and `labels.npz`, kept for resumes.
+
+    Called when everything that can fail on a flag's value has been built, so a
+    run that fails to start leaves no record that would refuse a corrected retry
+    as "started with other flags". `config.json` comes first, since it marks
+    the directory as a galkeras run (whose files galkeras may then write);
+    each file appears whole or not at all, and a missing one is written again.
+    """
+    import numpy as np
+
+    record = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(record):
+        with open(record + ".partial", "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+        os.replace(record + ".partial", record)
+    labels = os.path.join(model_dir, "labels.npz")
+    if not os.path.isfile(labels):
+        with open(labels + ".partial", "wb") as f:
+            np.savez(
+                f,
+                noisy_labels=noisy,
+                **({"clean_labels": clean} if clean is not None else {}),
+                **({"heldout_ids": heldout_ids} if len(heldout_ids) else {}),
+            )
+        os.replace(labels + ".partial", labels)
 
 
 def heldout_split(config, data, noisy):
@@ -641,22 +748,32 @@ def _fit_and_write(
     with strategy.scope():
 
         def make(name, kind):
-            net = backbones.build_backbone(
-                kind,
-                data.image_shape,
-                data.num_classes,
-                data.mean,
-                data.std,
-                width=config.backbone_width or None,
-                hidden_units=config.hidden_units,
-                # A dry run downloads nothing: pretrained weights are not loaded.
-                weights=(
-                    (config.pretrained_weights or None)
-                    if kind == "resnet50" and not config.dry_run
-                    else None
-                ),
-                name=name,
+            weights = (
+                (config.pretrained_weights or None)
+                if kind == "resnet50" and not config.dry_run
+                else None
             )
+            try:
+                net = backbones.build_backbone(
+                    kind,
+                    data.image_shape,
+                    data.num_classes,
+                    data.mean,
+                    data.std,
+                    width=config.backbone_width or None,
+                    hidden_units=config.hidden_units,
+                    # A dry run downloads nothing: pretrained weights are not loaded.
+                    weights=weights,
+                    name=name,
+                )
+            except (OSError, ValueError) as error:
+                if weights in (None, "imagenet"):
+                    raise
+                raise ConfigError(
+                    f"--pretrained_weights={weights} could not be loaded into "
+                    f"ResNet-50 ({error}). Give a Keras weights file of the "
+                    "top-less ResNet-50 (include_top=False), or 'imagenet'."
+                ) from error
             if config.sync_batchnorm:
                 net = backbones.synchronize_batchnorm(net)
             return net
@@ -705,6 +822,7 @@ def _fit_and_write(
             )
         )
         gal.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
+    write_run_record(model_dir, config, noisy, clean, heldout_ids)
     run_checkpoint = checkpointing.RunCheckpoint(
         gal,
         os.path.join(model_dir, checkpointing.CHECKPOINT_DIR),
@@ -810,17 +928,19 @@ def _fit_and_write(
     # The whole run's epochs, including those before a resume.
     history = run_logging.read_history_csv(history_csv)
 
-    # θC also as a .keras file, for reloading in Keras (the SavedModel is for serving).
-    export_path = None
+    # The reported network is exported for serving, and saved as a .keras file
+    # for reloading in Keras: θC for GAL, θA for CE, the twins' joint prediction
+    # for a run without θC.
+    reported = reported_network(config)
+    export_path = keras_path = None
     if export_dir is not None:  # not on a dry run, not on a non-chief worker
+        served = gal.classifier(reported)
         # Written under a temporary name, then renamed: never half a file.
-        keras_path = os.path.join(model_dir, "student.keras")
-        gal.student.save(keras_path + ".partial.keras")
+        keras_path = os.path.join(model_dir, f"{reported}.keras")
+        served.save(keras_path + ".partial.keras")
         os.replace(keras_path + ".partial.keras", keras_path)
-        export_path = export.export_classifier(
-            gal.student, export_dir, data.class_names
-        )
-    summary = summarise(history, config.warmup_epochs, reported_network(config))
+        export_path = export.export_classifier(served, export_dir, data.class_names)
+    summary = summarise(history, config.warmup_epochs, reported)
     summary.update(
         {
             "train_examples": training_set.num_examples,
@@ -836,10 +956,11 @@ def _fit_and_write(
             "nonfinite_steps": int(gal.nonfinite_steps.numpy()),
             "cdas_fallbacks": saver.cdas_fallbacks(),
             "skipped_images": data.skipped_images,
-            "reported_network": reported_network(config),
+            "reported_network": reported,
             "dry_run": config.dry_run,
             "model_dir": model_dir,
             "export_path": export_path,
+            "keras_path": keras_path,
         }
     )
     # summary.json marks the run finished: it appears whole or not at all.
@@ -885,6 +1006,13 @@ def per_variable_agreement_logger(gal, path):
 
 
 NETWORKS = ("twin_a", "twin_b", "joint", "student")
+# How the summary names each reported network.
+EXPORTED_NAMES = {
+    "student": "θC",
+    "twin_a": "θA",
+    "twin_b": "θB",
+    "joint": "θA+θB joint prediction",
+}
 # History keys of the noisy held-out split (`--noisy_validation_split`).
 HELDOUT_PREFIX = "heldout_"
 # `last10`: the mean test accuracy over this many last epochs.
@@ -1017,11 +1145,14 @@ def format_summary(summary):
             else f"{ratio:.3f} of variables, {param:.3f} of parameters"
         ),
         f"seconds per epoch: {summary['seconds_per_epoch']:.2f}",
-        f"summary: {os.path.join(summary['model_dir'], 'summary.json')}",
-        f"exported θC: {summary['export_path']}",
     ]
     if summary.get("dry_run"):
-        lines = ["dry run passed (stand-in data; nothing exported):", *lines]
+        return "\n".join(["dry run passed (stand-in data; nothing written):", *lines])
+    exported = EXPORTED_NAMES.get(summary.get("reported_network"), "θC")
+    lines += [
+        f"summary: {os.path.join(summary['model_dir'], 'summary.json')}",
+        f"exported {exported}: {summary['export_path']}",
+    ]
     return "\n".join(lines)
 
 
@@ -1265,9 +1396,46 @@ def config_from_flags(flag_values=None):
     return TrainConfig(**values)
 
 
+def parse_command_line(argv, flag_values=None):
+    """Parses `argv` into `flag_values` (default: absl's FLAGS) for `app.run`.
+
+    Anything absl refuses (an unknown flag, a value of the wrong type, a flag
+    file that cannot be read or holds a typo) and any positional argument exit
+    with status 2 and one line naming the problem, like every other bad flag.
+    """
+    flag_values = FLAGS if flag_values is None else flag_values
+    try:
+        rest = flag_values(argv)
+    except flags.Error as error:
+        _fail(f"{_flag_error_message(error, argv)} See --help for the flags.")
+    if len(rest) > 1:
+        _fail(
+            f"unexpected argument(s) {' '.join(rest[1:])!r}: galkeras.train takes "
+            "only --flags (write --flag=value). See --help for the flags."
+        )
+    return rest
+
+
+def _flag_error_message(error, argv):
+    """absl's message, with the flag file named when the fault is inside one."""
+    message = str(error).replace("ERROR:: ", "").strip()
+    flag_name = getattr(error, "flagname", None)
+    if isinstance(error, flags.UnrecognizedFlagError) and flag_name:
+        for arg in argv:
+            path = arg.partition("=")[2] if arg.startswith("--flagfile=") else ""
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if f"--{flag_name}" in text:
+                message = message.replace(
+                    f"'{flag_name}'", f"'{flag_name}' (in the flag file {path})", 1
+                )
+    return message.rstrip(".") + "."
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
     config = config_from_flags()
     problems = config_problems(config)
@@ -1281,14 +1449,46 @@ def main(argv):
     except ConfigError as error:
         _fail(str(error))
     except checkpointing.Preempted as preempted:
-        print(f"galkeras.train: {preempted}", file=sys.stderr)
+        print(
+            f"galkeras.train: {preempted}{_resume_note(config, preempted)}",
+            file=sys.stderr,
+        )
         sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
     except (NonFiniteError, checkpointing.CheckpointWriteError) as error:
-        print(f"galkeras.train: error: {error}", file=sys.stderr)
+        print(
+            f"galkeras.train: error: {error}{_resume_note(config, error)}",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_TRAINING_FAULT)
     if summary.get("already_finished"):
         print(f"galkeras.train: {summary['already_finished']}")
     print(format_summary(summary))
+
+
+def resume_command(config, model_dir):
+    """The flags that resume the run in `model_dir`: None when the command that
+    started it does (it names that directory and has no --new_run); otherwise
+    `--model_dir=<model_dir>`, since re-running the same command would start
+    yet another run."""
+    same = config.model_dir and os.path.abspath(config.model_dir) == os.path.abspath(
+        model_dir
+    )
+    if same and not config.new_run:
+        return None
+    return f"--model_dir={model_dir}"
+
+
+def _resume_note(config, fault):
+    """A sentence naming how to resume, when the same command would not."""
+    model_dir = getattr(fault, "model_dir", None)
+    flag = model_dir and resume_command(config, model_dir)
+    if not flag:
+        return ""
+    without = " and without --new_run" if config.new_run else ""
+    return (
+        f"\nThe run is in {model_dir}; the same command would start another new "
+        f"run. To resume this one, re-run with {flag}{without}."
+    )
 
 
 def _fail(message):
@@ -1298,7 +1498,7 @@ def _fail(message):
 
 def run_main():
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_command_line)
 
 
 if __name__ == "__main__":

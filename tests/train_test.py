@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -302,7 +304,7 @@ def test_deterministic_runs_are_bit_identical(tmp_path):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     summaries = [json.loads((tmp_path / n / "summary.json").read_text()) for n in "ab"]
     for summary in summaries:
-        for key in ("seconds_per_epoch", "model_dir", "export_path"):
+        for key in ("seconds_per_epoch", "model_dir", "export_path", "keras_path"):
             summary.pop(key)
     assert summaries[0] == summaries[1]
 
@@ -448,3 +450,244 @@ def test_run_with_a_noisy_held_out_split_selects_on_it(tmp_path):
     assert summary["selection"]["heldout_accuracy"] == pytest.approx(
         100 * history["heldout_student_accuracy"][epoch]
     )
+
+
+# ------------------------------------------- faults found by trying to break it
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        ({"seed": -1}, "--seed=-1 must be an integer in [0, 2**32 - 1]"),
+        ({"seed": 2**32}, f"--seed={2**32} must be an integer"),
+        ({"noise_seed": -1}, "--noise_seed=-1 must be an integer"),
+        ({"lr": float("inf")}, "--lr=inf must be a finite number"),
+        ({"momentum": float("nan")}, "--momentum=nan must be a finite number"),
+        ({"verbose": 3}, "--verbose=3 must be 0, 1 or 2"),
+        ({"lr_decay_epochs": (1, 1)}, "--lr_decay_epochs=1,1 names an epoch twice"),
+        ({"labels_csv": "x.csv"}, "--labels_csv does not apply to --dataset=digits"),
+        ({"image_size": ("8", "8")}, "--image_size does not apply to --dataset=npz"),
+    ],
+    ids=[
+        *("seed", "seed_2_32", "noise_seed", "lr", "momentum", "verbose"),
+        *("decay_twice", "csv", "size"),
+    ],
+)
+def test_flags_that_would_fail_later_are_refused_before_anything_is_written(
+    tmp_path, overrides, named
+):
+    dataset = "npz:x.npz" if "image_size" in overrides else "digits"
+    config = tiny_run_config(tmp_path, dataset, **overrides)
+    assert any(named in p for p in train.config_problems(config))
+    with pytest.raises(train.ConfigError, match=re.escape(named)):
+        train.run(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_of_one_source_are_accepted_there_and_refused_elsewhere():
+    folder = train.TrainConfig(dataset="folder:x", image_size=("8", "8"))
+    assert not train.dataset_flag_problems(folder)
+    assert not train.dataset_flag_problems(
+        dataclasses.replace(folder, dataset="clothing1m")
+    )
+    (problem,) = train.dataset_flag_problems(
+        train.TrainConfig(dataset="clothing1m", labels_csv="x.csv")
+    )
+    assert problem == (
+        "--labels_csv does not apply to --dataset=clothing1m (only to folder); "
+        "remove it."
+    )
+
+
+def test_a_run_that_fails_before_training_accepts_a_corrected_retry(
+    tmp_path, monkeypatch
+):
+    from galkeras import backbones
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(backbones, "build_backbone", broken)
+    config = tiny_run_config(tmp_path, "digits")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.run(config)
+    # No record of a run that never started: a retry with other flags is a new
+    # run, not "a run started with other flags".
+    assert not (tmp_path / "run" / "config.json").exists()
+    assert not train.config_problems(dataclasses.replace(config, seed=1))
+
+
+def test_unloadable_pretrained_weights_are_refused_naming_the_flag(tmp_path):
+    garbage = tmp_path / "weights.h5"
+    garbage.write_bytes(b"not an HDF5 file")
+    rng = np.random.default_rng(0)
+    flag = _npz(
+        tmp_path / "data.npz",
+        x_train=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+        x_test=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
+    )
+    config = tiny_run_config(
+        tmp_path,
+        flag.split("=", 1)[1],
+        backbone="resnet50",
+        backbone_width=0,
+        pretrained_weights=str(garbage),
+    )
+    with pytest.raises(train.ConfigError, match=r"--pretrained_weights=.*weights\.h5"):
+        train.run(config)
+    assert os.listdir(tmp_path / "run") == []  # no record: a retry may differ
+
+
+def test_new_run_never_writes_among_a_users_files(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "history.csv").write_text("epoch,mine\n0,1\n")
+    (run_dir / "labels.npz").write_bytes(b"the user's own labels")
+    for new_run in (False, True):
+        config = tiny_run_config(tmp_path, "digits", new_run=new_run)
+        (problem,) = train.config_problems(config)
+        assert "holds files but no galkeras run" in problem
+        with pytest.raises(train.ConfigError, match="holds files but no galkeras"):
+            train.run(config)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    assert sorted(os.listdir(run_dir)) == ["history.csv", "labels.npz"]
+    assert (run_dir / "history.csv").read_text() == "epoch,mine\n0,1\n"
+    assert (run_dir / "labels.npz").read_bytes() == b"the user's own labels"
+
+
+def test_new_directories_are_never_shared(tmp_path):
+    (tmp_path / "run-20261202-101010").mkdir()
+    (tmp_path / "run-20261202-101010-2").mkdir()
+    assert train.unused_directory(str(tmp_path / "run-20261202-101010")) == str(
+        tmp_path / "run-20261202-101010-3"
+    )
+    assert train.unused_directory(str(tmp_path / "new")) == str(tmp_path / "new")
+
+
+def test_a_fault_of_a_new_run_names_the_command_that_resumes_it(
+    tmp_path, monkeypatch, capsys
+):
+    old = tmp_path / "run"
+    old.mkdir()
+    config = tiny_run_config(tmp_path, "digits", new_run=True)
+    (old / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    new_dir = str(tmp_path / "run-later")
+
+    def preempted(config, *args):
+        raise checkpointing.Preempted(os.path.join(new_dir, "checkpoints", "ckpt-4"))
+
+    monkeypatch.setattr(train, "_train", preempted)
+    monkeypatch.setattr(train, "_prepare", lambda *a: (*[None] * 5, new_dir, None, None))
+    monkeypatch.setattr(train, "config_from_flags", lambda: config)
+    monkeypatch.setattr(train, "config_problems", lambda config: [])
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["galkeras.train"])
+    assert exit_.value.code == checkpointing.PREEMPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert f"re-run with --model_dir={new_dir} and without --new_run" in err
+    # The named command resumes: the same flags, that directory, no --new_run.
+    assert train.resume_command(config, new_dir) == f"--model_dir={new_dir}"
+    same = dataclasses.replace(config, model_dir=new_dir, new_run=False)
+    assert train.resume_command(same, new_dir) is None
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["--epoch=3"], "Unknown command line flag 'epoch'"),
+        (["--epochs=abc"], "flag --epochs=abc: invalid literal"),
+        (["--flagfile=/no/such.flags"], "Unable to open flagfile"),
+        (["--flagfile={typo}"], "Unknown command line flag 'epoch' (in the flag file"),
+        (["stray"], "unexpected argument(s) 'stray'"),
+    ],
+    ids=["unknown", "type", "missing_flagfile", "flagfile_typo", "positional"],
+)
+def test_what_absl_refuses_exits_2_with_one_line(tmp_path, capsys, argv, named):
+    from absl import flags
+
+    typo = tmp_path / "typo.flags"
+    typo.write_text("--epochs=3\n--epoch=4\n")
+    flag_values = flags.FlagValues()
+    train.define_flags(flag_values)
+    argv = ["galkeras.train", *(a.format(typo=typo) for a in argv)]
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_command_line(argv, flag_values)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_positional_argument_on_the_command_line_exits_2(tmp_path):
+    result = _cli("--epochs=3", "stray", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "galkeras.train: error: unexpected argument(s) 'stray'"
+    )
+    assert "USAGE" not in result.stdout + result.stderr
+
+
+def test_a_task_index_outside_the_cluster_is_named():
+    cluster = {"worker": ["a:1", "b:2"]}
+    problem = train.tf_config_problem(
+        json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 2}})
+    )
+    assert "task is worker 2" in problem and "[0, 2)" in problem
+    assert not train.tf_config_problem(
+        json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
+    )
+
+
+def test_a_dry_run_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    config = tiny_run_config(tmp_path, "digits", dry_run=True)
+    summary = train.run(config)
+    assert summary["dry_run"] and summary["model_dir"] is None
+    # (TensorFlow's autograph keeps its own generated files there.)
+    assert not [f for f in os.listdir(tmp_path / "tmp") if "galkeras" in f]
+    assert sorted(os.listdir(tmp_path)) == ["tmp"]
+    assert "nothing written" in train.format_summary(summary)
+
+
+def test_a_ce_run_exports_its_trained_network(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    config = tiny_run_config(
+        tmp_path, "digits", epochs=1, warmup_epochs=1, train_student=False
+    )
+    summary = train.run(config)
+    assert summary["reported_network"] == "twin_a"
+    assert summary["keras_path"].endswith("twin_a.keras")
+    assert "exported θA" in train.format_summary(summary)
+    from galkeras.datasets import load_dataset
+
+    data = load_dataset("digits")
+    served = tf.saved_model.load(summary["export_path"]).signatures["serving_default"]
+    class_id = served(image=tf.constant(data.x_test))["class_id"].numpy()
+    # The export's accuracy is θA's last test accuracy, not the untrained θC's.
+    accuracy = 100 * np.mean(class_id == data.y_test)
+    assert accuracy == pytest.approx(summary["twin_a"]["last"], abs=1e-3)
+    twin_a = keras.saving.load_model(summary["keras_path"])
+    np.testing.assert_array_equal(
+        np.argmax(twin_a.predict(data.x_test, verbose=0), -1), class_id
+    )
+
+
+def test_the_joint_classifier_is_eq_6_as_logits(tiny):
+    make, data = tiny
+    gal = model.GAL(
+        make("twin_a"), make("twin_b", seed=1), make("student"), warmup_epochs=1
+    )
+    images, _ = data(n=6)
+    joint = gal.classifier("joint")
+    za = gal.twin_a(images.astype("float32")).numpy()
+    zb = gal.twin_b(images.astype("float32")).numpy()
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    out = joint(images.astype("float32")).numpy()
+    np.testing.assert_allclose(
+        softmax(out), 0.5 * (softmax(za) + softmax(zb)), atol=1e-6
+    )
+    assert gal.classifier("student") is gal.student
