@@ -151,6 +151,10 @@ def test_dataset_defaults_and_conversions():
         ({"class_names": ("a", "b")}, "class_names"),
         ({"num_classes": 1, "class_names": ("a",)}, "num_classes"),
         ({"mean": (1.0,)}, "mean has 1 values"),
+        ({"class_names": ("a", "b", "a")}, "duplicate class name 'a'"),
+        ({"class_names": (1, "1", "c")}, "duplicate class name '1'"),
+        ({"x_train": np.zeros((6, 4, 4, 0), np.uint8)}, r"x_train.*\(6, 4, 4, 0\)"),
+        ({"x_test": np.zeros((3, 0, 4, 3), np.uint8)}, r"x_test.*\(3, 0, 4, 3\)"),
     ],
 )
 def test_dataset_validation(overrides, message):
