@@ -151,6 +151,10 @@ def test_dataset_defaults_and_conversions():
         ({"class_names": ("a", "b")}, "class_names"),
         ({"num_classes": 1, "class_names": ("a",)}, "num_classes"),
         ({"mean": (1.0,)}, "mean has 1 values"),
+        ({"class_names": ("a", "b", "a")}, "duplicate class name 'a'"),
+        ({"class_names": (1, "1", "c")}, "duplicate class name '1'"),
+        ({"x_train": np.zeros((6, 4, 4, 0), np.uint8)}, r"x_train.*\(6, 4, 4, 0\)"),
+        ({"x_test": np.zeros((3, 0, 4, 3), np.uint8)}, r"x_test.*\(3, 0, 4, 3\)"),
     ],
 )
 def test_dataset_validation(overrides, message):
@@ -202,7 +206,7 @@ def test_npz_round_trip(tmp_path, channels):
     np.testing.assert_allclose(dataset.std, pixels.std(axis=0))
 
 
-def test_npz_with_clean_labels_and_class_names(tmp_path):
+def test_npz_with_clean_labels_and_class_names(tmp_path, caplog):
     arrays = npz_arrays()
     clean = np.array([0, 1, 2, 2, 0])
     path = write_npz(
@@ -216,6 +220,18 @@ def test_npz_with_clean_labels_and_class_names(tmp_path):
     assert dataset.num_classes == 4
     assert dataset.class_names == ("cat", "dog", "emu", "fox")
     np.testing.assert_array_equal(dataset.y_train_clean, clean)
+    # "fox" has no training image: it is declared, so allowed, with a warning.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "named.npz" in warnings[0] and "3 ('fox')" in warnings[0]
+
+
+def test_npz_unsigned_labels(tmp_path):
+    arrays = npz_arrays()
+    arrays["y_train"] = arrays["y_train"].astype(np.uint64)
+    dataset = datasets.load_dataset(f"npz:{write_npz(tmp_path / 'u.npz', **arrays)}")
+    assert dataset.num_classes == 3 and dataset.y_train.dtype == np.int64
+    np.testing.assert_array_equal(dataset.y_train, [0, 1, 2, 1, 0])
 
 
 def test_npz_missing_file(tmp_path):
@@ -260,12 +276,64 @@ def test_npz_missing_key(tmp_path):
         ({"x_test": np.zeros((2, 6), np.uint8)}, r"x_test.*\(N, H, W"),
         ({"x_test": np.zeros((2, 7, 7, 3), np.uint8)}, "x_train.*x_test"),
         ({"y_test": np.array([1.0, 2.0])}, "y_test.*integer"),
-        ({"y_test": np.array([-1, 2])}, r"y_test has label -1 outside \[0, 3\)"),
+        ({"y_test": np.array([-1, 2])}, r"y_test\[0\] = -1 is a negative label"),
         (
             {"class_names": np.array(["a", "b"])},
             r"y_train has label 2 outside \[0, 2\)",
         ),
         ({"class_names": np.array([1, 2, 3])}, "class_names.*string"),
+        # Without class_names, K = the largest label + 1 and every class in
+        # [0, K) needs a training image: one stray label cannot set K.
+        (
+            {"y_train": np.array([0, 1, 2, 1, 10**6])},
+            r"largest label \+ 1 = 1000001 \(y_train\[4\] = 1000000\).*"
+            r"classes 3, 4, 5, 6, 7, \.\.\. \(999997 in all\) have no training "
+            r"image.*Relabel.*add a class_names array",
+        ),
+        (
+            {"y_train": np.array([0, 1, 3, 1, 0]), "y_test": np.array([3, 3])},
+            r"class 2 has no training image",
+        ),
+        ({"y_test": np.array([3, 2])}, r"y_test\[0\] = 3.*class 3 has no"),
+        (
+            {"y_train_clean": np.array([0, 1, 4, 1, 0])},
+            r"y_train_clean\[2\] = 4.*classes 3, 4 have no",
+        ),
+        # Labels are checked before K is inferred, naming the key and the index.
+        ({"y_train": np.array([0, 1, 2, 1, -7])}, r"y_train\[4\] = -7.*negative"),
+        (
+            {"y_train": np.array([0, 1, 2, 1, 2**64 - 1], np.uint64)},
+            r"y_train\[4\] = 18446744073709551615",
+        ),
+        (
+            {"y_test": np.array([0, 3]), "class_names": np.array(["a", "b", "c"])},
+            r"y_test has label 3 outside \[0, 3\) \(y_test\[1\]\).*class_names",
+        ),
+        # class_names may declare classes without training images, but not more
+        # classes than there are training images.
+        (
+            {"class_names": np.array(list("abcdef"))},
+            "class_names declares 6 classes but there are 5 training images",
+        ),
+        (
+            {"class_names": np.array(["a", "b", "a"])},
+            "duplicate class name 'a'",
+        ),
+        (
+            {"class_names": np.array([b"cat", b"\xffdog", b"emu"])},
+            r"class_names\[1\] is not UTF-8.*np.array\(names, dtype=str\)",
+        ),
+        (
+            {"x_train": np.zeros((5, 6, 6, 0), np.uint8)},
+            r"x_train.*\(5, 6, 6, 0\).*at least 1",
+        ),
+        (
+            {
+                "x_train": np.zeros((5, 0, 6), np.uint8),
+                "x_test": np.zeros((2, 0, 6), np.uint8),
+            },
+            r"x_train.*\(5, 0, 6\).*at least 1",
+        ),
     ],
 )
 def test_npz_bad_contents(tmp_path, changes, message):

@@ -62,6 +62,7 @@ def test_csv_labels_override_folders(tmp_path):
     "line,message",
     [
         ("train/cat/0.png,dog,extra", "expected 2 columns"),
+        ("train/cat/0.png;dog", "Separate the path and the label with a comma"),
         ("train/cat/0.png,wolf", "neither a class name"),
         ("train/cat/0.png,7", "outside [0, 3)"),
         ("../outside.png,0", "leaves the dataset root"),
@@ -111,3 +112,43 @@ def test_csv_path_that_is_not_a_training_image(tmp_path):
     csv.write_text("train/dog/77.png,cat\n")
     with pytest.raises(DatasetError, match="not training images"):
         load_dataset(f"folder:{root}", labels_csv=str(csv))
+
+
+def test_symlinks_leaving_the_root_are_refused_like_csv_paths(tmp_path):
+    root = _tree(tmp_path / "pets")
+    _write(tmp_path / "elsewhere" / "owl" / "0.png", 99)
+    link = root / "train" / "cat" / "link.png"
+    # A link that stays inside the root is followed, as in the labels CSV.
+    link.symlink_to(root / "test" / "dog" / "0.png")
+    assert len(load_dataset(f"folder:{root}").x_train) == 13
+    link.unlink()
+    link.symlink_to(tmp_path / "elsewhere" / "owl" / "0.png")
+    with pytest.raises(DatasetError) as error:
+        load_dataset(f"folder:{root}")
+    assert f"{link} is a link to {tmp_path / 'elsewhere' / 'owl' / '0.png'}" in str(
+        error.value
+    ) and "outside the dataset root" in str(error.value)
+    link.unlink()
+    owl = root / "train" / "owl"
+    owl.symlink_to(tmp_path / "elsewhere" / "owl", target_is_directory=True)
+    with pytest.raises(DatasetError, match=f"{owl} is a link to .*outside"):
+        load_dataset(f"folder:{root}")
+
+
+def test_csv_with_excel_byte_order_mark(tmp_path):
+    root = _tree(tmp_path / "pets")
+    csv = tmp_path / "labels.csv"
+    # Excel's "CSV UTF-8" starts the file with a byte order mark.
+    csv.write_text("path,label\ntrain/cat/0.png,dog\n", encoding="utf-8-sig")
+    data = load_dataset(f"folder:{root}", labels_csv=str(csv))
+    assert sorted(data.y_train[data.x_train[:, 0, 0, 0] == 0].tolist()) == [0, 0, 0, 1]
+
+
+def test_unreadable_csv_names_the_file(tmp_path):
+    root = _tree(tmp_path / "pets")
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes("train/cat/caf\xe9.png,dog\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=f"{csv}, line 1: not UTF-8.*CSV UTF-8"):
+        load_dataset(f"folder:{root}", labels_csv=str(csv))
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'absent.csv'}.*not exist"):
+        load_dataset(f"folder:{root}", labels_csv=str(tmp_path / "absent.csv"))

@@ -110,6 +110,19 @@ class Dataset:
                 f"class_names has {len(class_names)} names but num_classes is "
                 f"{self.num_classes}; give one name per class."
             )
+        duplicates = _duplicates(class_names)
+        if duplicates:
+            # Predictions are exported and reported by name, so two classes
+            # with one name could not be told apart.
+            fail(
+                "class_names must be unique, but "
+                + "; ".join(
+                    f"duplicate class name {name!r} names classes "
+                    + ", ".join(str(i) for i in ids)
+                    for name, ids in duplicates.items()
+                )
+                + ". Rename or merge those classes."
+            )
         set_field("class_names", class_names)
 
         if (self.x_val is None) != (self.y_val is None):
@@ -188,6 +201,14 @@ class Dataset:
         return len(self.x_train)
 
 
+def _duplicates(names):
+    """`{name: [positions]}` of each name that occurs more than once."""
+    positions = {}
+    for i, name in enumerate(names):
+        positions.setdefault(name, []).append(i)
+    return {name: ids for name, ids in positions.items() if len(ids) > 1}
+
+
 def _as_images(images, key, fail):
     from galkeras.image_files import ImageFiles
 
@@ -199,10 +220,16 @@ def _as_images(images, key, fail):
             f"{key} must hold uint8 pixels in 0..255, got dtype {images.dtype}; "
             f"convert with np.clip(x, 0, 255).astype(np.uint8)."
         )
+    if images.ndim not in (3, 4):
+        fail(f"{key} must have shape (N, H, W) or (N, H, W, C), got {images.shape}.")
+    if 0 in images.shape[1:]:
+        fail(
+            f"{key} has shape {images.shape}: each image's height, width and "
+            f"channels must be at least 1; store the images as (N, H, W) or "
+            f"(N, H, W, C) uint8 pixels."
+        )
     if images.ndim == 3:
         images = images[..., np.newaxis]
-    if images.ndim != 4:
-        fail(f"{key} must have shape (N, H, W) or (N, H, W, C), got {images.shape}.")
     if len(images) == 0:
         fail(f"{key} holds no images.")
     return images

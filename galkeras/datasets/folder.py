@@ -6,13 +6,19 @@ Two layouts, like `keras.utils.image_dataset_from_directory`:
 - `PATH/<class>/*.jpg`, split with `validation_split` (a stratified, seeded share
   becomes the test set).
 
-Optionally `labels_csv` (a file of `path,label` lines, paths relative to PATH)
-gives the training labels when they do not follow the folders; a label is a class
-name or an integer id. Images are decoded once into memory (RGB), resized to
+Optionally `labels_csv` (a UTF-8 file of `path,label` lines, paths relative to
+PATH; a byte order mark, as Excel's "CSV UTF-8" writes, is skipped) gives the
+training labels when they do not follow the folders; a label is a class name or
+an integer id. Images are decoded once into memory (RGB), resized to
 `image_size` (default: the first image's size).
+
+Symbolic links are followed only while they stay inside PATH: a folder or image
+whose real path leaves PATH is refused, as a `labels_csv` path that leaves it
+is, so the dataset is what lies under PATH.
 """
 
 import csv
+import io
 import os
 
 import numpy as np
@@ -22,35 +28,56 @@ from galkeras.datasets.base import Dataset, DatasetError, register, stratified_s
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
-def _class_dirs(root):
-    if not os.path.isdir(root):
-        raise DatasetError(f"folder: {root} is not a directory.")
+def _check_inside(path, root):
+    """Refuses `path` when its real path, links followed, leaves `root`."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        how = "is a link to" if os.path.islink(path) else "resolves to"
+        raise DatasetError(
+            f"folder: {path} {how} {real}, outside the dataset root {root}. Links "
+            "are followed only inside the root, as paths in --labels_csv are: copy "
+            "the target into the root, or give a root that holds it."
+        )
+
+
+def _class_dirs(directory, root):
+    if not os.path.isdir(directory):
+        raise DatasetError(f"folder: {directory} is not a directory.")
     classes = sorted(
-        d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+        d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d))
     )
     if not classes:
         raise DatasetError(
-            f"folder: {root} has no class subfolders; expected {root}/<class>/*.jpg."
+            f"folder: {directory} has no class subfolders; expected "
+            f"{directory}/<class>/*.jpg."
         )
+    for name in classes:
+        _check_inside(os.path.join(directory, name), root)
     return classes
 
 
-def _images_of(directory):
-    return sorted(
+def _images_of(directory, root):
+    paths = sorted(
         os.path.join(directory, f)
         for f in os.listdir(directory)
         if f.lower().endswith(IMAGE_EXTENSIONS)
     )
+    for path in paths:
+        _check_inside(path, root)
+    return paths
 
 
-def _scan(root, classes):
-    """`(paths, labels)` of every image under `root/<class>/`, classes in order."""
+def _scan(directory, classes, root):
+    """`(paths, labels)` of every image under `directory/<class>/`, classes in
+    order."""
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = _images_of(os.path.join(root, name))
+        files = _images_of(os.path.join(directory, name), root)
         if not files:
             raise DatasetError(
-                f"folder: class {name!r} has no images in {os.path.join(root, name)} "
+                f"folder: class {name!r} has no images in "
+                f"{os.path.join(directory, name)} "
                 f"(looked for {', '.join(IMAGE_EXTENSIONS)})."
             )
         paths += files
@@ -92,41 +119,65 @@ def _decode(paths, image_size, skip_corrupt):
 
 def _read_labels_csv(csv_path, root, classes):
     """`{absolute path: label}` from a `path,label` CSV; refuses bad lines."""
+    if not os.path.isfile(csv_path):
+        raise DatasetError(
+            f"labels_csv {csv_path} does not exist or is not a file; give the path "
+            "of a CSV of path,label lines."
+        )
+    with open(csv_path, "rb") as f:
+        data = f.read()
+    try:
+        # utf-8-sig skips the byte order mark of Excel's "CSV UTF-8".
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_number = data[: error.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{csv_path}, line {line_number}: not UTF-8 text ({error.reason}); "
+            "save the file as UTF-8 (in Excel: 'CSV UTF-8')."
+        ) from None
+    rows = csv.reader(io.StringIO(text, newline=""))
+    return _parse_labels_csv(rows, csv_path, root, classes)
+
+
+def _parse_labels_csv(rows, csv_path, root, classes):
+    """`{absolute path: label}` from the CSV's rows (lists of cells)."""
     real_root = os.path.realpath(root)
     labels = {}
-    with open(csv_path, newline="") as f:
-        for line_number, row in enumerate(csv.reader(f), start=1):
-            if not row or (line_number == 1 and row[:2] == ["path", "label"]):
-                continue
-            where = f"{csv_path}, line {line_number}"
-            if len(row) != 2:
+    for line_number, row in enumerate(rows, start=1):
+        if not row or (line_number == 1 and row[:2] == ["path", "label"]):
+            continue
+        where = f"{csv_path}, line {line_number}"
+        if len(row) != 2:
+            hint = ""
+            if len(row) == 1 and (";" in row[0] or "\t" in row[0]):
+                hint = " Separate the path and the label with a comma."
+            raise DatasetError(
+                f"{where}: expected 2 columns (path,label), got {row}.{hint}"
+            )
+        rel, label = row[0].strip(), row[1].strip()
+        path = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or os.path.commonpath([real_root, path]) != real_root:
+            raise DatasetError(
+                f"{where}: path {rel!r} leaves the dataset root {root}; paths must "
+                "be relative and stay inside it."
+            )
+        if label in classes:
+            label_id = classes.index(label)
+        else:
+            try:
+                label_id = int(label)
+            except ValueError:
                 raise DatasetError(
-                    f"{where}: expected 2 columns (path,label), got {row}."
-                )
-            rel, label = row[0].strip(), row[1].strip()
-            path = os.path.realpath(os.path.join(root, rel))
-            if os.path.isabs(rel) or os.path.commonpath([real_root, path]) != real_root:
-                raise DatasetError(
-                    f"{where}: path {rel!r} leaves the dataset root {root}; paths must "
-                    "be relative and stay inside it."
-                )
-            if label in classes:
-                label_id = classes.index(label)
-            else:
-                try:
-                    label_id = int(label)
-                except ValueError:
-                    raise DatasetError(
-                        f"{where}: label {label!r} is neither a class name {classes} "
-                        "nor an integer."
-                    ) from None
-            if not 0 <= label_id < len(classes):
-                raise DatasetError(
-                    f"{where}: label {label_id} is outside [0, {len(classes)})."
-                )
-            if path in labels:
-                raise DatasetError(f"{where}: {rel!r} is listed twice.")
-            labels[path] = label_id
+                    f"{where}: label {label!r} is neither a class name {classes} "
+                    "nor an integer."
+                ) from None
+        if not 0 <= label_id < len(classes):
+            raise DatasetError(
+                f"{where}: label {label_id} is outside [0, {len(classes)})."
+            )
+        if path in labels:
+            raise DatasetError(f"{where}: {rel!r} is listed twice.")
+        labels[path] = label_id
     return labels
 
 
@@ -159,23 +210,25 @@ def load_folder(
         os.path.join(root, "test")
     )
     if split_layout:
-        classes = _class_dirs(os.path.join(root, "train"))
-        test_classes = _class_dirs(os.path.join(root, "test"))
+        for split in ("train", "test"):
+            _check_inside(os.path.join(root, split), root)
+        classes = _class_dirs(os.path.join(root, "train"), root)
+        test_classes = _class_dirs(os.path.join(root, "test"), root)
         if test_classes != classes:
             raise DatasetError(
                 f"folder: {root}/train has classes {classes} but {root}/test has "
                 f"{test_classes}; both need the same class subfolders."
             )
-        train_paths, train_labels = _scan(os.path.join(root, "train"), classes)
-        test_paths, test_labels = _scan(os.path.join(root, "test"), classes)
+        train_paths, train_labels = _scan(os.path.join(root, "train"), classes, root)
+        test_paths, test_labels = _scan(os.path.join(root, "test"), classes, root)
     else:
         if not 0.0 < validation_split < 1.0:
             raise DatasetError(
                 f"folder: {root} has no train/ and test/ folders, so "
                 f"--validation_split must be in (0, 1); got {validation_split}."
             )
-        classes = _class_dirs(root)
-        paths, labels = _scan(root, classes)
+        classes = _class_dirs(root, root)
+        paths, labels = _scan(root, classes, root)
         _, test_ids = stratified_split(
             labels, validation_split, seed, min_test_per_class=1
         )
