@@ -546,8 +546,6 @@ def _prepare(config, chief=True):
     if problems:
         raise ValueError("\n".join(problems))
 
-    import numpy as np
-
     from galkeras import checkpointing, export
     from galkeras.datasets import check_dataset_spec, load_dataset
     from galkeras.datasets.base import stand_in_dataset

@@ -575,7 +575,8 @@ def test_a_fault_of_a_new_run_names_the_command_that_resumes_it(
         raise checkpointing.Preempted(os.path.join(new_dir, "checkpoints", "ckpt-4"))
 
     monkeypatch.setattr(train, "_train", preempted)
-    monkeypatch.setattr(train, "_prepare", lambda *a: (*[None] * 5, new_dir, None, None))
+    prepared = (*[None] * 5, new_dir, None, None)  # ..., model_dir, export, lock
+    monkeypatch.setattr(train, "_prepare", lambda *a: prepared)
     monkeypatch.setattr(train, "config_from_flags", lambda: config)
     monkeypatch.setattr(train, "config_problems", lambda config: [])
     with pytest.raises(SystemExit) as exit_:
@@ -618,8 +619,10 @@ def test_what_absl_refuses_exits_2_with_one_line(tmp_path, capsys, argv, named):
 def test_a_positional_argument_on_the_command_line_exits_2(tmp_path):
     result = _cli("--epochs=3", "stray", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "galkeras.train: error: unexpected argument(s) 'stray'"
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("galkeras.train: error: unexpected argument(s) 'stray'")
     )
     assert "USAGE" not in result.stdout + result.stderr
 
