@@ -55,9 +55,11 @@ def export_classifier(model, base_path, class_names=None):
     """Writes `model` (a logits classifier) as the next version under `base_path`.
 
     The `serving_default` signature takes raw images under the input name
-    `image` (uint8, any batch size; preprocessing is inside the model) and
-    returns `probabilities` (float32 `[N, K]`), `class_id` (int64 `[N]`) and,
-    when `class_names` are given, `class_name` (string `[N]`).
+    `image` (uint8 `[N, H, W, C]`, any batch size including 0; preprocessing is
+    inside the model) and returns `probabilities` (float32 `[N, K]`), `class_id`
+    (int64 `[N]`) and, when `class_names` are given, `class_name` (string `[N]`).
+    An `image` of another rank or image size is refused in the graph with
+    `InvalidArgumentError`, naming the expected and the received shape.
 
     The version is written to a temporary directory beside it and renamed into
     place, so a crash never leaves a half-written version, and an existing
@@ -67,11 +69,21 @@ def export_classifier(model, base_path, class_names=None):
         The path of the written version directory.
     """
     image_shape = tuple(model.input_shape[1:])
+    num_classes = model.output_shape[-1]
     names = tf.constant(list(class_names)) if class_names else None
 
     def serve(image):
-        logits = model(tf.cast(image, tf.float32), training=False)
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        image = checked_image_batch(image, image_shape)
+        # oneDNN's convolution returns a wrongly shaped tensor for 0 images, which
+        # the next BatchNorm refuses; an empty batch needs no model anyway.
+        logits = tf.cond(
+            tf.shape(image)[0] > 0,
+            lambda: tf.cast(
+                model(tf.cast(image, tf.float32), training=False), tf.float32
+            ),
+            lambda: tf.zeros([0, num_classes], tf.float32),
+        )
+        probabilities = tf.nn.softmax(logits, axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
         outputs = {"probabilities": probabilities, "class_id": class_id}
         if names is not None:
@@ -83,7 +95,10 @@ def export_classifier(model, base_path, class_names=None):
     archive.add_endpoint(
         name="serving_default",
         fn=serve,
-        input_signature=[tf.TensorSpec((None, *image_shape), tf.uint8, name="image")],
+        # Declared with an open shape: a declared [None, H, W, C] is trusted as
+        # given, so the graph would fold the rank check away and feed whatever
+        # comes to the model. `serve` checks the shape itself.
+        input_signature=[tf.TensorSpec(None, tf.uint8, name="image")],
     )
     os.makedirs(base_path, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=base_path)
@@ -102,6 +117,33 @@ def export_classifier(model, base_path, class_names=None):
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
+
+
+def checked_image_batch(image, image_shape):
+    """`image` with the static shape `[None, *image_shape]`, once a graph check
+    has found that it has that shape; otherwise an `InvalidArgumentError` that
+    names the expected and the received shape.
+
+    The check runs in the graph, where TF Serving calls it: a SavedModel
+    signature does not check the shapes it is fed, and oneDNN's convolution
+    aborts the whole process on an image without a batch axis.
+    """
+    shape = tf.shape(image, out_type=tf.int64)
+    expected = ", ".join(str(d) for d in image_shape)
+    received = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
+    message = tf.strings.join(
+        [f"image must be uint8 [N, {expected}]; received shape [", received, "]"]
+    )
+    has_rank = tf.equal(tf.size(shape), len(image_shape) + 1)
+    # Slicing the shape of an image of another rank would fail with a message of
+    # its own, so the sizes are compared only once the rank is right.
+    has_shape = tf.cond(
+        has_rank,
+        lambda: tf.reduce_all(tf.equal(shape[1:], image_shape)),
+        lambda: tf.constant(False),
+    )
+    with tf.control_dependencies([tf.debugging.Assert(has_shape, [message])]):
+        return tf.ensure_shape(tf.identity(image), (None, *image_shape))
 
 
 def load_keras_model(path):
