@@ -5,10 +5,12 @@ writes the next integer version below it (`<base>/1`, `<base>/2`, …), and an
 existing version is never overwritten.
 """
 
+import json
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -154,8 +156,8 @@ def load_keras_model(path):
     layers and models are registered Keras objects and load without it.
 
     Raises:
-        ValueError: naming the file, when it is missing, not a `.keras` archive,
-            or holds code that safe mode refuses.
+        ValueError: naming the file, when it is missing, not a Keras archive, or
+            holds code that safe mode refuses.
     """
     # Registers galkeras' layers, models and optimizers with Keras.
     from galkeras import backbones, distill, model, optimizers  # noqa: F401
@@ -163,8 +165,17 @@ def load_keras_model(path):
     path = os.fspath(path)
     if not path.endswith(".keras") or not os.path.isfile(path):
         raise ValueError(f"{path} is not an existing .keras file.")
+    # Keras reports a file that is not a zip archive as "File not found".
+    if os.path.getsize(path) == 0:
+        raise not_a_keras_archive(path, "the file is empty")
+    if not zipfile.is_zipfile(path):
+        raise not_a_keras_archive(path, "it is not a zip archive")
     try:
         return keras.saving.load_model(path, safe_mode=True)
+    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+        # A zip archive without Keras' config.json, or with a damaged one.
+        reason = error.args[0] if isinstance(error, KeyError) else error
+        raise not_a_keras_archive(path, reason) from error
     except ValueError as error:
         if "safe_mode" not in str(error):
             raise ValueError(f"{path}: {error}") from error
@@ -173,3 +184,11 @@ def load_keras_model(path):
             "load: it would run on load. If you trust its author, load it yourself "
             "with keras.saving.load_model(path, safe_mode=False)."
         ) from error
+
+
+def not_a_keras_archive(path, reason):
+    """The `ValueError` for a file at `path` that is not a Keras archive."""
+    return ValueError(
+        f"{path} is not a Keras archive (.keras files are zip archives): {reason}; "
+        "re-save the model with model.save(...)."
+    )

@@ -2,8 +2,10 @@
 loading `.keras` files."""
 
 import json
+import zipfile
 
 import numpy as np
+import pytest
 from conftest import run_python
 
 from galkeras import backbones, export
@@ -91,3 +93,32 @@ def test_served_signature_checks_its_input_in_a_fresh_process(tmp_path):
         message = results[name].get("refused", f"not refused: {results[name]}")
         assert "[N, 8, 8, 1]" in message, (name, message)
         assert f"received shape {received}" in message, (name, message)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "the file is empty"),
+        (np.random.default_rng(0).bytes(512), "not a zip archive"),
+    ],
+    ids=["zero_bytes", "random_bytes"],
+)
+def test_load_keras_model_names_a_file_that_is_not_an_archive(
+    tmp_path, content, reason
+):
+    path = tmp_path / "x.keras"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as raised:
+        export.load_keras_model(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path} is not a Keras archive")
+    assert reason in message and "model.save(" in message
+    assert "File not found" not in message
+
+
+def test_load_keras_model_names_a_zip_that_is_not_a_keras_archive(tmp_path):
+    path = tmp_path / "x.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
+    with pytest.raises(ValueError, match="is not a Keras archive.*config.json"):
+        export.load_keras_model(path)
