@@ -5,10 +5,12 @@ writes the next integer version below it (`<base>/1`, `<base>/2`, …), and an
 existing version is never overwritten.
 """
 
+import json
 import os
 import re
 import shutil
 import tempfile
+import zipfile
 
 import keras
 import tensorflow as tf
@@ -55,9 +57,11 @@ def export_classifier(model, base_path, class_names=None):
     """Writes `model` (a logits classifier) as the next version under `base_path`.
 
     The `serving_default` signature takes raw images under the input name
-    `image` (uint8, any batch size; preprocessing is inside the model) and
-    returns `probabilities` (float32 `[N, K]`), `class_id` (int64 `[N]`) and,
-    when `class_names` are given, `class_name` (string `[N]`).
+    `image` (uint8 `[N, H, W, C]`, any batch size including 0; preprocessing is
+    inside the model) and returns `probabilities` (float32 `[N, K]`), `class_id`
+    (int64 `[N]`) and, when `class_names` are given, `class_name` (string `[N]`).
+    An `image` of another rank or image size is refused in the graph with
+    `InvalidArgumentError`, naming the expected and the received shape.
 
     The version is written to a temporary directory beside it and renamed into
     place, so a crash never leaves a half-written version, and an existing
@@ -67,11 +71,21 @@ def export_classifier(model, base_path, class_names=None):
         The path of the written version directory.
     """
     image_shape = tuple(model.input_shape[1:])
+    num_classes = model.output_shape[-1]
     names = tf.constant(list(class_names)) if class_names else None
 
     def serve(image):
-        logits = model(tf.cast(image, tf.float32), training=False)
-        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        image = checked_image_batch(image, image_shape)
+        # oneDNN's convolution returns a wrongly shaped tensor for 0 images, which
+        # the next BatchNorm refuses; an empty batch needs no model anyway.
+        logits = tf.cond(
+            tf.shape(image)[0] > 0,
+            lambda: tf.cast(
+                model(tf.cast(image, tf.float32), training=False), tf.float32
+            ),
+            lambda: tf.zeros([0, num_classes], tf.float32),
+        )
+        probabilities = tf.nn.softmax(logits, axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
         outputs = {"probabilities": probabilities, "class_id": class_id}
         if names is not None:
@@ -83,7 +97,10 @@ def export_classifier(model, base_path, class_names=None):
     archive.add_endpoint(
         name="serving_default",
         fn=serve,
-        input_signature=[tf.TensorSpec((None, *image_shape), tf.uint8, name="image")],
+        # Declared with an open shape: a declared [None, H, W, C] is trusted as
+        # given, so the graph would fold the rank check away and feed whatever
+        # comes to the model. `serve` checks the shape itself.
+        input_signature=[tf.TensorSpec(None, tf.uint8, name="image")],
     )
     os.makedirs(base_path, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=base_path)
@@ -104,6 +121,33 @@ def export_classifier(model, base_path, class_names=None):
             shutil.rmtree(staging)
 
 
+def checked_image_batch(image, image_shape):
+    """`image` with the static shape `[None, *image_shape]`, once a graph check
+    has found that it has that shape; otherwise an `InvalidArgumentError` that
+    names the expected and the received shape.
+
+    The check runs in the graph, where TF Serving calls it: a SavedModel
+    signature does not check the shapes it is fed, and oneDNN's convolution
+    aborts the whole process on an image without a batch axis.
+    """
+    shape = tf.shape(image, out_type=tf.int64)
+    expected = ", ".join(str(d) for d in image_shape)
+    received = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
+    message = tf.strings.join(
+        [f"image must be uint8 [N, {expected}]; received shape [", received, "]"]
+    )
+    has_rank = tf.equal(tf.size(shape), len(image_shape) + 1)
+    # Slicing the shape of an image of another rank would fail with a message of
+    # its own, so the sizes are compared only once the rank is right.
+    has_shape = tf.cond(
+        has_rank,
+        lambda: tf.reduce_all(tf.equal(shape[1:], image_shape)),
+        lambda: tf.constant(False),
+    )
+    with tf.control_dependencies([tf.debugging.Assert(has_shape, [message])]):
+        return tf.ensure_shape(tf.identity(image), (None, *image_shape))
+
+
 def load_keras_model(path):
     """Loads a `.keras` file (such as a run's `student.keras`) in Keras' safe mode.
 
@@ -112,8 +156,8 @@ def load_keras_model(path):
     layers and models are registered Keras objects and load without it.
 
     Raises:
-        ValueError: naming the file, when it is missing, not a `.keras` archive,
-            or holds code that safe mode refuses.
+        ValueError: naming the file, when it is missing, not a Keras archive, or
+            holds code that safe mode refuses.
     """
     # Registers galkeras' layers, models and optimizers with Keras.
     from galkeras import backbones, distill, model, optimizers  # noqa: F401
@@ -121,8 +165,17 @@ def load_keras_model(path):
     path = os.fspath(path)
     if not path.endswith(".keras") or not os.path.isfile(path):
         raise ValueError(f"{path} is not an existing .keras file.")
+    # Keras reports a file that is not a zip archive as "File not found".
+    if os.path.getsize(path) == 0:
+        raise not_a_keras_archive(path, "the file is empty")
+    if not zipfile.is_zipfile(path):
+        raise not_a_keras_archive(path, "it is not a zip archive")
     try:
         return keras.saving.load_model(path, safe_mode=True)
+    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+        # A zip archive without Keras' config.json, or with a damaged one.
+        reason = error.args[0] if isinstance(error, KeyError) else error
+        raise not_a_keras_archive(path, reason) from error
     except ValueError as error:
         if "safe_mode" not in str(error):
             raise ValueError(f"{path}: {error}") from error
@@ -131,3 +184,11 @@ def load_keras_model(path):
             "load: it would run on load. If you trust its author, load it yourself "
             "with keras.saving.load_model(path, safe_mode=False)."
         ) from error
+
+
+def not_a_keras_archive(path, reason):
+    """The `ValueError` for a file at `path` that is not a Keras archive."""
+    return ValueError(
+        f"{path} is not a Keras archive (.keras files are zip archives): {reason}; "
+        "re-save the model with model.save(...)."
+    )
