@@ -49,6 +49,8 @@ from absl import logging
 # The exit status of a run stopped by SIGTERM after saving a checkpoint
 # (sysexits' EX_TEMPFAIL: "try again later"; re-running resumes).
 PREEMPTED_EXIT_CODE = 75
+# The exit status of a run stopped by Ctrl-C: 128 + SIGINT, as shells report it.
+INTERRUPTED_EXIT_CODE = 130
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".galkeras.lock"
 # `tf.train.CheckpointManager`'s index of the checkpoints in its directory.
@@ -68,6 +70,21 @@ class Preempted(Exception):
         super().__init__(
             f"Preempted (SIGTERM): saved checkpoint {checkpoint}. Re-run the same "
             "command to resume from it."
+        )
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C; `checkpoint` is the last one saved (None
+    when there is none yet)."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+        super().__init__(
+            f"interrupted (Ctrl-C); the last checkpoint is {checkpoint}; re-run the "
+            "same command to resume from it."
+            if checkpoint
+            else "interrupted (Ctrl-C) before the first checkpoint; re-run the same "
+            "command to start the run again."
         )
 
 
@@ -123,6 +140,12 @@ class RunCheckpoint:
     @property
     def latest(self):
         return self.manager.latest_checkpoint
+
+    @property
+    def latest_on_disk(self):
+        """The latest checkpoint that the index on disk names, the one a resume
+        starts from (`latest` is ahead of it during a save)."""
+        return tf.train.latest_checkpoint(self.directory)
 
     def restore(self, directory=None):
         """Restores the newest readable checkpoint and returns its global step

@@ -324,6 +324,77 @@ def test_unwritable_model_and_export_dirs_fail_before_training(tmp_path):
         train.run(config)
 
 
+# ------------------------------------------- Ctrl-C and changed data, in-process
+def _npz(path, n=20, shift=0):
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (n, 6, 6), dtype=np.uint8),
+        y_train=(np.arange(n) + shift) % 2,
+        x_test=rng.integers(0, 255, (6, 6, 6), dtype=np.uint8),
+        y_test=np.arange(6) % 2,
+    )
+    return f"npz:{path}"
+
+
+def test_ctrl_c_and_a_changed_training_set_stop_the_run_cleanly(
+    tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "data.npz"
+    config = tiny_run_config(
+        tmp_path, _npz(data), noise_rate=0.2, checkpoint_every_steps=1
+    )
+    checkpoints = tmp_path / "run" / checkpointing.CHECKPOINT_DIR
+    real_save = checkpointing.RunCheckpoint.save
+
+    def ctrl_c_mid_write(self, step, cdas_fallbacks=0):
+        if step == 1:
+            return real_save(self, step, cdas_fallbacks)
+        # Step 2's data file is written, its index not yet.
+        self.checkpoint.write(os.path.join(self.directory, f"ckpt-{step}"))
+        os.remove(os.path.join(self.directory, f"ckpt-{step}.index"))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.RunCheckpoint, "save", ctrl_c_mid_write)
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            train.run(config)
+    assert interrupt.value.checkpoint == str(checkpoints / "ckpt-1")
+    assert not (tmp_path / "run" / checkpointing.LOCK_FILE).exists()
+    left = sorted(os.listdir(checkpoints))
+    assert left == [
+        "checkpoint",
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+        "ckpt-2.data-00000-of-00001",
+    ]
+
+    def interrupted_run(config):
+        raise interrupt.value
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "config_from_flags", lambda: config)
+        patch.setattr(train, "run", interrupted_run)
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["galkeras.train"])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == (
+        "galkeras.train: interrupted (Ctrl-C); the last checkpoint is "
+        f"{checkpoints / 'ckpt-1'}; re-run the same command to resume from it.\n"
+    )
+
+    # Other data at the same path: refused, and nothing is touched.
+    for changed, named in [
+        (dict(n=24), "20 examples when the run started, now 24"),
+        (dict(shift=1), "other noisy labels"),
+    ]:
+        _npz(data, **changed)
+        with pytest.raises(train.ConfigError, match="training set changed") as error:
+            train.run(config)
+        assert named in str(error.value)
+        assert sorted(os.listdir(checkpoints)) == left
+
+
 # ------------------------------------------------------------- non-finite
 class Poison(keras.layers.Layer):
     """Adds `self.value` (0, or NaN to poison a step) to its input."""
