@@ -23,10 +23,20 @@ renamed), so a crash in the middle of a write leaves the previous checkpoint the
 latest. SIGTERM is handled by TensorFlow's
 `tf.distribute.experimental.PreemptionCheckpointHandler`, which saves at the next
 step boundary and then calls our exit function.
+
+On resume the `checkpoint` index is the record of which checkpoints exist. One
+that TensorFlow cannot read is renamed `corrupt-ckpt-N.*` and dropped from the
+index; files that a write cut short left beside the index's checkpoints are
+renamed `orphan-ckpt-N...`. Nothing is ever deleted. A readable checkpoint that
+does not fit the run (other training data, other networks) is refused and left
+as it is.
 """
 
+import glob
+import itertools
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -39,8 +49,17 @@ from absl import logging
 # The exit status of a run stopped by SIGTERM after saving a checkpoint
 # (sysexits' EX_TEMPFAIL: "try again later"; re-running resumes).
 PREEMPTED_EXIT_CODE = 75
+# The exit status of a run stopped by Ctrl-C: 128 + SIGINT, as shells report it.
+INTERRUPTED_EXIT_CODE = 130
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".galkeras.lock"
+# `tf.train.CheckpointManager`'s index of the checkpoints in its directory.
+INDEX_FILE = "checkpoint"
+# A checkpoint's files (`ckpt-N.index`, `ckpt-N.data-…`) and the temporary
+# directory TensorFlow writes them in first (`ckpt-N_temp/`), by checkpoint.
+_CHECKPOINT_FILE = re.compile(r"(ckpt-\d+)(\.|_temp)")
+# The noisy labels' key in a checkpoint (`RunCheckpoint`'s `noisy_labels=`).
+_LABELS = "noisy_labels/"
 
 
 class Preempted(Exception):
@@ -52,6 +71,30 @@ class Preempted(Exception):
             f"Preempted (SIGTERM): saved checkpoint {checkpoint}. Re-run the same "
             "command to resume from it."
         )
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C; `checkpoint` is the last one saved (None
+    when there is none yet)."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+        super().__init__(
+            f"interrupted (Ctrl-C); the last checkpoint is {checkpoint}; re-run the "
+            "same command to resume from it."
+            if checkpoint
+            else "interrupted (Ctrl-C) before the first checkpoint; re-run the same "
+            "command to start the run again."
+        )
+
+
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint that does not fit this run; it is left as it is."""
+
+
+class TrainingSetChanged(CheckpointMismatch):
+    """A readable checkpoint of the same run on other training data: another
+    number of examples, or other noisy labels."""
 
 
 class CheckpointWriteError(OSError):
@@ -70,7 +113,7 @@ class RunCheckpoint:
             (`gal.ensure_pseudo_label_table`).
         directory: where the checkpoints go (`<model_dir>/checkpoints`).
         noisy_labels: int array `[N]`, the labels the run trains on.
-        max_to_keep: checkpoints kept (the issue's "last two").
+        max_to_keep: how many of the newest checkpoints are kept.
     """
 
     def __init__(self, gal, directory, noisy_labels, max_to_keep=2):
@@ -86,6 +129,7 @@ class RunCheckpoint:
             progress=[self.step, self.cdas_fallbacks],
             noisy_labels=self._saved_labels,
         )
+        self.max_to_keep = max_to_keep
         self.manager = self._make_manager(max_to_keep)
 
     def _make_manager(self, max_to_keep, directory=None):
@@ -97,13 +141,23 @@ class RunCheckpoint:
     def latest(self):
         return self.manager.latest_checkpoint
 
+    @property
+    def latest_on_disk(self):
+        """The latest checkpoint that the index on disk names, the one a resume
+        starts from (`latest` is ahead of it during a save)."""
+        return tf.train.latest_checkpoint(self.directory)
+
     def restore(self, directory=None):
         """Restores the newest readable checkpoint and returns its global step
         (0 when there is none).
 
-        A checkpoint that cannot be read (cut short by a crash outside
-        TensorFlow's atomic write, or damaged on disk) is renamed to
-        `corrupt-ckpt-N.*`, never deleted, and the one before it is used.
+        A checkpoint that TensorFlow cannot read (damaged on disk, cut short, a
+        file missing) is renamed `corrupt-ckpt-N.*`, never deleted, and the one
+        before it is used; the index then names only the checkpoints left, and
+        with none left the run starts over from step 0. Then the files of
+        checkpoints the index does not name (a write cut short by Ctrl-C or a
+        crash: a data file without its index, TensorFlow's temporary files) are
+        renamed `orphan-ckpt-N...`.
 
         Args:
             directory: read from this directory instead of our own, without
@@ -111,46 +165,128 @@ class RunCheckpoint:
                 read the chief's checkpoints).
 
         Raises:
-            ValueError: the checkpoint's noisy labels differ from this run's.
+            TrainingSetChanged: the newest readable checkpoint was trained on
+                another number of examples or other noisy labels than this run's.
+            CheckpointMismatch: it holds other networks or optimizers than this
+                run's.
+            Both leave every file as it was.
         """
         own = directory is None
         manager = self.manager if own else self._make_manager(None, directory)
+        unreadable, restored = [], None
         for path in reversed(manager.checkpoints):
+            if restored:
+                # Older ones are read only if ever needed; a deletion of the oldest
+                # cut short can have left one without all of its files.
+                if not _has_files(path):
+                    unreadable.append(path)
+                continue
+            reader, problem = _read_whole(path)
+            if problem:
+                logging.warning("Checkpoint %s is unreadable (%s).", path, problem)
+                unreadable.append(path)
+                continue
+            self._check_training_set(path, reader)
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, AssertionError, ValueError) as error:
-                logging.warning("Checkpoint %s is unreadable (%s).", path, error)
-                if own:
-                    self._set_aside(path)
-                continue
-            if not np.array_equal(self._saved_labels.numpy(), self.noisy_labels):
-                raise ValueError(
-                    f"Checkpoint {path} was trained on other noisy labels than the "
-                    "ones this run makes: the dataset or the noise flags changed. "
-                    "Restore the original data, or start a new run (--new_run)."
-                )
-            if own and path != self.manager.latest_checkpoint:
-                self._point_index_at(path)
-            return int(self.step.numpy())
-        return 0
+            except (ValueError, AssertionError) as error:
+                # Every tensor was read back intact: the run, not the file, differs.
+                raise CheckpointMismatch(
+                    f"Checkpoint {path} is readable but does not fit this run's "
+                    f"networks or optimizers ({error}). It was left as it is; resume "
+                    "it with the code and flags that wrote it, or start a new run "
+                    "(--new_run)."
+                ) from error
+            restored = path
+        if own:
+            self._tidy(unreadable, restored)
+        return int(self.step.numpy()) if restored else 0
 
-    def _set_aside(self, path):
-        folder, name = os.path.split(path)
-        for file in os.listdir(folder):
-            if file.startswith(name + "."):
-                os.replace(
-                    os.path.join(folder, file), os.path.join(folder, f"corrupt-{file}")
-                )
-        logging.warning(
-            "Renamed %s.* to corrupt-%s.*; trying the one before.", name, name
+    def _check_training_set(self, path, reader):
+        """Raises `TrainingSetChanged` if checkpoint `path` (read by `reader`) was
+        trained on other noisy labels than this run's."""
+        key = next(
+            (k for k in reader.get_variable_to_shape_map() if k.startswith(_LABELS)),
+            None,
+        )
+        if key is None:
+            return  # not our checkpoint: the restore's matching says so
+        saved, now = reader.get_tensor(key), self.noisy_labels
+        if saved.shape != now.shape:
+            cause = f"{saved.size} examples when the run started, now {now.size}"
+        elif not np.array_equal(saved, now):
+            differ = int(np.sum(saved != now))
+            cause = (
+                f"the same {now.size} examples, but other noisy labels for {differ} "
+                "of them: the data or the noise flags changed"
+            )
+        else:
+            return
+        raise TrainingSetChanged(
+            f"Cannot resume from {path}: the training set changed since the run "
+            f"started ({cause}). The checkpoints are left as they are: put the "
+            "original data back to resume, or start a new run (--new_run)."
         )
 
-    def _point_index_at(self, path):
-        keep = [p for p in self.manager.checkpoints if os.path.exists(p + ".index")]
-        tf.compat.v1.train.update_checkpoint_state(
-            self.directory, path, all_model_checkpoint_paths=keep
-        )
-        self.manager = self._make_manager(self.manager._max_to_keep)
+    def _tidy(self, unreadable, restored):
+        """Sets aside the `unreadable` checkpoints and the files of checkpoints the
+        index does not name, and rewrites the index to the checkpoints left."""
+        if unreadable:
+            set_aside = [f for path in unreadable for f in _set_aside(path, "corrupt")]
+            self._rewrite_index(
+                [p for p in self.manager.checkpoints if p not in unreadable]
+            )
+            logging.warning(
+                "Kept the unreadable checkpoints' files as %s; %s.",
+                ", ".join(set_aside) or "(none were left)",
+                f"resuming from {restored}"
+                if restored
+                else f"no readable checkpoint is left in {self.directory}, so the "
+                "run starts over from step 0",
+            )
+        if not os.path.isdir(self.directory):
+            return
+        named = {os.path.basename(p) for p in self.manager.checkpoints}
+        orphans = {}
+        for file in os.listdir(self.directory):
+            match = _CHECKPOINT_FILE.match(file)
+            if match and not (match[1] in named and match[2] == "."):
+                orphans.setdefault(match[1], []).append(file)
+        for name, files in sorted(orphans.items()):
+            moved = _move_aside(self.directory, sorted(files), "orphan")
+            logging.warning(
+                "Moved %s aside as %s: the index does not name them (a write cut "
+                "short).",
+                ", ".join(sorted(files)),
+                ", ".join(moved),
+            )
+
+    def _rewrite_index(self, keep):
+        """Makes the index name the checkpoints `keep` (oldest first, the last is
+        the latest), or removes it when `keep` is empty; then re-reads it."""
+        if keep:
+            state = tf.train.get_checkpoint_state(self.directory)
+            stamps = dict(
+                zip(
+                    state.all_model_checkpoint_paths,
+                    state.all_model_checkpoint_timestamps,
+                )
+            )
+            now = time.time()
+            # Without their timestamps the manager would keep these checkpoints
+            # forever (it deletes only those newer than the last preserved one).
+            # Names relative to an absolute directory are written as they are:
+            # relative, as the manager writes them, so the run can be moved.
+            tf.compat.v1.train.update_checkpoint_state(
+                os.path.abspath(self.directory),
+                os.path.basename(keep[-1]),
+                all_model_checkpoint_paths=[os.path.basename(p) for p in keep],
+                all_model_checkpoint_timestamps=[stamps.get(p, now) for p in keep],
+                last_preserved_timestamp=state.last_preserved_timestamp,
+            )
+        else:
+            os.remove(os.path.join(self.directory, INDEX_FILE))
+        self.manager = self._make_manager(self.max_to_keep)
 
     def save(self, step, cdas_fallbacks=0):
         """Writes checkpoint `ckpt-<step>` and returns its path.
@@ -175,6 +311,50 @@ class RunCheckpoint:
                 f"Could not write checkpoint {step} to {self.directory}: {error}. "
                 + kept
             ) from error
+
+
+def _read_whole(path):
+    """Reads every tensor of checkpoint `path` back, checksums checked.
+
+    Returns:
+        `(reader, None)`, or `(None, why)` when TensorFlow cannot read it.
+    """
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    # IndexError: a data file shorter than its index says ("Read less bytes than
+    # requested"). The reader's other faults are all OpErrors.
+    except (tf.errors.OpError, IndexError) as error:
+        return None, str(error).strip() or type(error).__name__
+    return reader, None
+
+
+def _has_files(path):
+    """Whether checkpoint `path` has its index and a data file."""
+    data = glob.glob(glob.escape(path) + ".data-*")
+    return os.path.isfile(path + ".index") and bool(data)
+
+
+def _set_aside(path, tag):
+    """Renames checkpoint `path`'s files (`ckpt-N.*`) with the prefix `tag`."""
+    folder, name = os.path.split(path)
+    files = sorted(f for f in os.listdir(folder) if f.startswith(name + "."))
+    return _move_aside(folder, files, tag)
+
+
+def _move_aside(folder, files, tag):
+    """Renames `files` in `folder` to `<tag>-<file>`, or `<tag>-2-<file>` and so on
+    where an earlier file of that name exists: never over one. Returns the names."""
+    for n in itertools.count(1):
+        prefix = tag if n == 1 else f"{tag}-{n}"
+        if not any(
+            os.path.lexists(os.path.join(folder, f"{prefix}-{f}")) for f in files
+        ):
+            break
+    for file in files:
+        os.replace(os.path.join(folder, file), os.path.join(folder, f"{prefix}-{file}"))
+    return [f"{prefix}-{file}" for file in files]
 
 
 class CheckpointCallback(keras.callbacks.Callback):

@@ -832,9 +832,12 @@ def _fit_and_write(
     shared = None
     if not chief and config.model_dir:
         shared = os.path.join(config.model_dir, checkpointing.CHECKPOINT_DIR)
-    start_step = run_checkpoint.restore(
-        shared if shared and os.path.isdir(shared) else None
-    )
+    try:
+        start_step = run_checkpoint.restore(
+            shared if shared and os.path.isdir(shared) else None
+        )
+    except checkpointing.CheckpointMismatch as error:  # e.g. TrainingSetChanged
+        raise ConfigError(str(error)) from error
     if strategy.extended._in_multi_worker_mode():
         starts = _steps_of_all_workers(strategy, start_step)
         if len(set(starts)) > 1:
@@ -919,6 +922,8 @@ def _fit_and_write(
             "--on_nonfinite=skip_step resumes from it.",
         )
         raise
+    except KeyboardInterrupt as interrupt:
+        raise checkpointing.Interrupted(run_checkpoint.latest_on_disk) from interrupt
     finally:
         saver.close()
     seconds = time.time() - started
@@ -1458,6 +1463,11 @@ def main(argv):
             file=sys.stderr,
         )
         sys.exit(EXIT_TRAINING_FAULT)
+    except KeyboardInterrupt as interrupt:
+        if not isinstance(interrupt, checkpointing.Interrupted):  # not in training
+            interrupt = "interrupted (Ctrl-C); re-run the same command to resume."
+        print(f"galkeras.train: {interrupt}", file=sys.stderr)
+        sys.exit(checkpointing.INTERRUPTED_EXIT_CODE)
     if summary.get("already_finished"):
         print(f"galkeras.train: {summary['already_finished']}")
     print(format_summary(summary))

@@ -1,4 +1,4 @@
-"""Checkpoints, the run lock, non-finite steps and safe loading (issue #6)."""
+"""Checkpoints, the run lock, non-finite steps and safe loading."""
 
 import json
 import os
@@ -63,32 +63,178 @@ def test_a_write_cut_short_leaves_the_previous_checkpoint_loadable(tiny, tmp_pat
         np.testing.assert_array_equal(got, want)
 
 
-def test_an_unreadable_latest_checkpoint_is_set_aside_not_deleted(tiny, tmp_path):
+def _damage(path, how):
+    """Damages checkpoint `path` on disk as a crash, a bad disk or a user might."""
+    data, index = path + ".data-00000-of-00001", path + ".index"
+    if how == "garbage_index":
+        with open(index, "wb") as f:
+            f.write(b"not a checkpoint index")
+    elif how == "zero_filled_index":
+        with open(index, "r+b") as f:
+            f.write(b"\x00" * os.path.getsize(index))
+    elif how == "zero_filled_data":
+        with open(data, "r+b") as f:
+            f.write(b"\x00" * os.path.getsize(data))
+    elif how == "truncated_data":
+        os.truncate(data, os.path.getsize(data) // 2)
+    elif how == "empty_data":
+        os.truncate(data, 0)
+    elif how == "missing_data":
+        os.remove(data)
+
+
+DAMAGE = [
+    "garbage_index",
+    "zero_filled_index",
+    "zero_filled_data",
+    "truncated_data",
+    "empty_data",
+    "missing_data",
+]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_an_unreadable_latest_checkpoint_is_set_aside_not_deleted(tiny, tmp_path, how):
     gal = _gal(tiny)
     labels = np.arange(12) % 3
     saver = checkpointing.RunCheckpoint(gal, str(tmp_path), labels)
     saver.save(5)
     at_five = _values(gal)
     gal.twin_a.weights[0].assign(gal.twin_a.weights[0] * 2.0)
-    second = saver.save(9)
-    with open(second + ".index", "wb") as f:  # damaged on disk
-        f.write(b"not a checkpoint index")
+    _damage(saver.save(9), how)
 
     fresh = _gal(tiny)
     restored = checkpointing.RunCheckpoint(fresh, str(tmp_path), labels)
     assert restored.restore() == 5
     assert restored.latest.endswith("ckpt-5")
+    assert tf.train.get_checkpoint_state(str(tmp_path)).all_model_checkpoint_paths == [
+        restored.latest
+    ]
     assert (tmp_path / "corrupt-ckpt-9.index").exists()
     for got, want in zip(_values(fresh), at_five):
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_checkpoint_of_other_noisy_labels_is_refused(tiny, tmp_path):
+def test_a_run_whose_checkpoints_are_all_unreadable_starts_over(tiny, tmp_path, caplog):
     gal = _gal(tiny)
-    checkpointing.RunCheckpoint(gal, str(tmp_path), np.arange(12) % 3).save(1)
-    other = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), np.zeros(12))
-    with pytest.raises(ValueError, match="other noisy labels"):
+    labels = np.arange(12) % 3
+    _damage(
+        checkpointing.RunCheckpoint(gal, str(tmp_path), labels).save(4),
+        "zero_filled_data",
+    )
+
+    fresh = _gal(tiny)
+    initial = _values(fresh)
+    restored = checkpointing.RunCheckpoint(fresh, str(tmp_path), labels)
+    assert restored.restore() == 0
+    # Training begins: the preemption handler restores the latest checkpoint again.
+    saver = checkpointing.CheckpointCallback(restored, fresh, steps_per_epoch=4)
+    saver.on_train_begin()
+    saver.close()
+    assert restored.latest is None
+    assert tf.train.get_checkpoint_state(str(tmp_path)) is None  # the index is gone
+    assert "starts over" in caplog.text and "corrupt-ckpt-4.index" in caplog.text
+    for got, want in zip(_values(fresh), initial):  # nothing half restored
+        np.testing.assert_array_equal(got, want)
+
+    # The started-over run reaches step 4 again, and its checkpoint is damaged
+    # again: both damaged copies are kept.
+    _damage(restored.save(4), "zero_filled_data")
+    again = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels)
+    assert again.restore() == 0
+    kept = sorted(p.name for p in tmp_path.glob("corrupt*.index"))
+    assert kept == ["corrupt-2-ckpt-4.index", "corrupt-ckpt-4.index"]
+    assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_after_a_recovery_the_last_two_checkpoints_are_kept(tiny, tmp_path):
+    labels = np.zeros(12)
+    saver = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels)
+    saver.save(3)
+    _damage(saver.save(6), "zero_filled_data")
+    resumed = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels)
+    assert resumed.restore() == 3
+    resumed.save(4)
+    resumed.save(5)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.index")) == [
+        "ckpt-4.index",
+        "ckpt-5.index",
+    ]
+    assert (tmp_path / "corrupt-ckpt-6.index").exists()  # not counted, not deleted
+
+
+def test_restore_sets_aside_what_an_interrupted_write_left(tiny, tmp_path):
+    labels = np.zeros(12)
+    saver = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels)
+    saver.save(3)
+    saver.save(6)
+    # Ctrl-C while writing checkpoint 8: its data file without its index, and
+    # TensorFlow's temporary files. Not named by the index.
+    (tmp_path / "ckpt-8.data-00000-of-00001").write_bytes(b"\x00" * 10)
+    (tmp_path / "ckpt-8_temp").mkdir()
+    (tmp_path / "ckpt-8_temp" / "part-00000-of-00001.data-00000-of-00001").touch()
+    # Ctrl-C while deleting checkpoint 3, still named by the index.
+    (tmp_path / "ckpt-3.index").unlink()
+
+    resumed = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels)
+    assert resumed.restore() == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint",
+        "ckpt-6.data-00000-of-00001",
+        "ckpt-6.index",
+        "corrupt-ckpt-3.data-00000-of-00001",
+        "orphan-ckpt-8.data-00000-of-00001",
+        "orphan-ckpt-8_temp",
+    ]
+    named = tf.train.get_checkpoint_state(str(tmp_path)).all_model_checkpoint_paths
+    assert named == [str(tmp_path / "ckpt-6")]
+
+
+def test_a_changed_training_set_is_refused_and_the_checkpoints_left_alone(
+    tiny, tmp_path
+):
+    labels = np.arange(12) % 3
+    saver = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels)
+    saver.save(1)
+    saver.save(2)
+    before = sorted(os.listdir(tmp_path))
+
+    bigger = _gal(tiny)
+    bigger.pseudo_labels = None
+    bigger.ensure_pseudo_label_table(20, 3)
+    other = checkpointing.RunCheckpoint(bigger, str(tmp_path), np.arange(20) % 3)
+    with pytest.raises(checkpointing.TrainingSetChanged) as error:
         other.restore()
+    assert "the training set changed since the run started" in str(error.value)
+    assert "12 examples" in str(error.value) and "20" in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == before
+
+    relabelled = checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), np.zeros(12))
+    with pytest.raises(checkpointing.TrainingSetChanged, match="other noisy labels"):
+        relabelled.restore()
+    assert sorted(os.listdir(tmp_path)) == before
+
+    # The original data back: the run resumes.
+    assert checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels).restore() == 2
+
+
+def test_a_readable_checkpoint_of_other_networks_is_refused_not_set_aside(
+    tiny, tmp_path
+):
+    labels = np.arange(12) % 3
+    checkpointing.RunCheckpoint(_gal(tiny), str(tmp_path), labels).save(1)
+    before = sorted(os.listdir(tmp_path))
+    make, _ = tiny
+    four_classes = GAL(
+        *(make(name, num_classes=4) for name in ("twin_a", "twin_b", "student")),
+        warmup_epochs=1,
+    )
+    four_classes.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    four_classes.ensure_pseudo_label_table(12, 4)
+    other = checkpointing.RunCheckpoint(four_classes, str(tmp_path), labels)
+    with pytest.raises(checkpointing.CheckpointMismatch, match="does not fit"):
+        other.restore()
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_checkpoints_keep_the_last_two(tiny, tmp_path):
@@ -176,6 +322,77 @@ def test_unwritable_model_and_export_dirs_fail_before_training(tmp_path):
     config = tiny_run_config(tmp_path, "digits", export_dir=str(blocker / "export"))
     with pytest.raises(train.ConfigError, match="--export_dir .* is not a directory"):
         train.run(config)
+
+
+# ------------------------------------------- Ctrl-C and changed data, in-process
+def _npz(path, n=20, shift=0):
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (n, 6, 6), dtype=np.uint8),
+        y_train=(np.arange(n) + shift) % 2,
+        x_test=rng.integers(0, 255, (6, 6, 6), dtype=np.uint8),
+        y_test=np.arange(6) % 2,
+    )
+    return f"npz:{path}"
+
+
+def test_ctrl_c_and_a_changed_training_set_stop_the_run_cleanly(
+    tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "data.npz"
+    config = tiny_run_config(
+        tmp_path, _npz(data), noise_rate=0.2, checkpoint_every_steps=1
+    )
+    checkpoints = tmp_path / "run" / checkpointing.CHECKPOINT_DIR
+    real_save = checkpointing.RunCheckpoint.save
+
+    def ctrl_c_mid_write(self, step, cdas_fallbacks=0):
+        if step == 1:
+            return real_save(self, step, cdas_fallbacks)
+        # Step 2's data file is written, its index not yet.
+        self.checkpoint.write(os.path.join(self.directory, f"ckpt-{step}"))
+        os.remove(os.path.join(self.directory, f"ckpt-{step}.index"))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.RunCheckpoint, "save", ctrl_c_mid_write)
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            train.run(config)
+    assert interrupt.value.checkpoint == str(checkpoints / "ckpt-1")
+    assert not (tmp_path / "run" / checkpointing.LOCK_FILE).exists()
+    left = sorted(os.listdir(checkpoints))
+    assert left == [
+        "checkpoint",
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+        "ckpt-2.data-00000-of-00001",
+    ]
+
+    def interrupted_run(config):
+        raise interrupt.value
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "config_from_flags", lambda: config)
+        patch.setattr(train, "run", interrupted_run)
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["galkeras.train"])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == (
+        "galkeras.train: interrupted (Ctrl-C); the last checkpoint is "
+        f"{checkpoints / 'ckpt-1'}; re-run the same command to resume from it.\n"
+    )
+
+    # Other data at the same path: refused, and nothing is touched.
+    for changed, named in [
+        (dict(n=24), "20 examples when the run started, now 24"),
+        (dict(shift=1), "other noisy labels"),
+    ]:
+        _npz(data, **changed)
+        with pytest.raises(train.ConfigError, match="training set changed") as error:
+            train.run(config)
+        assert named in str(error.value)
+        assert sorted(os.listdir(checkpoints)) == left
 
 
 # ------------------------------------------------------------- non-finite

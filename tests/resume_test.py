@@ -1,4 +1,4 @@
-"""Never lose a run (issue #6), end to end through the CLI: kill -9 and SIGTERM
+"""Never lose a run, end to end through the CLI: kill -9 and SIGTERM
 mid-run, resume, and the resumed run's final state equals an uninterrupted one's."""
 
 import json
