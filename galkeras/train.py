@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -412,7 +413,12 @@ def run(config):
     # Before any other TensorFlow op: a multi-worker strategy configures the
     # collective runtime, which must happen at program start-up.
     strategy = make_strategy(config.strategy)
-    from galkeras.checkpointing import CheckpointWriteError, Preempted, RunInUse
+    from galkeras.checkpointing import (
+        CheckpointWriteError,
+        Interrupted,
+        Preempted,
+        RunInUse,
+    )
     from galkeras.model import NonFiniteError
 
     if config.deterministic:
@@ -433,7 +439,7 @@ def run(config):
         config = dry_run_config(config)
     try:
         summary = _train(config, strategy, *prepared)
-    except (Preempted, NonFiniteError, CheckpointWriteError) as fault:
+    except (Preempted, Interrupted, NonFiniteError, CheckpointWriteError) as fault:
         # The message of a fault that leaves a resumable run names the directory
         # to resume, which the command line may not (--new_run, no --model_dir).
         fault.model_dir = model_dir
@@ -633,7 +639,25 @@ def write_run_record(model_dir, config, noisy, clean, heldout_ids):
             json.dump(dataclasses.asdict(config), f, indent=2)
         os.replace(record + ".partial", record)
     labels = os.path.join(model_dir, "labels.npz")
-    if not os.path.isfile(labels):
+    if os.path.isfile(labels):
+        # A run that stopped before its first checkpoint has only this record
+        # of the data it started on.
+        with np.load(labels) as record:
+            before = record["noisy_labels"]
+        cause = (
+            f"{len(before)} examples when the run started, now {len(noisy)}"
+            if before.shape != noisy.shape
+            else f"other noisy labels for {int(np.sum(before != noisy))} of them"
+            if not np.array_equal(before, noisy)
+            else None
+        )
+        if cause:
+            raise ConfigError(
+                f"Cannot resume the run in {model_dir}: the training set changed "
+                f"since the run started ({cause}; {labels}). Put the original data "
+                "back to resume, or start a new run (--new_run)."
+            )
+    else:
         with open(labels + ".partial", "wb") as f:
             np.savez(
                 f,
@@ -1452,21 +1476,15 @@ def main(argv):
     except ConfigError as error:
         _fail(str(error))
     except checkpointing.Preempted as preempted:
-        print(
-            f"galkeras.train: {preempted}{_resume_note(config, preempted)}",
-            file=sys.stderr,
-        )
+        print(f"galkeras.train: {_with_resume(config, preempted)}", file=sys.stderr)
         sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
     except (NonFiniteError, checkpointing.CheckpointWriteError) as error:
-        print(
-            f"galkeras.train: error: {error}{_resume_note(config, error)}",
-            file=sys.stderr,
-        )
+        print(f"galkeras.train: error: {_with_resume(config, error)}", file=sys.stderr)
         sys.exit(EXIT_TRAINING_FAULT)
     except KeyboardInterrupt as interrupt:
         if not isinstance(interrupt, checkpointing.Interrupted):  # not in training
             interrupt = "interrupted (Ctrl-C); re-run the same command to resume."
-        print(f"galkeras.train: {interrupt}", file=sys.stderr)
+        print(f"galkeras.train: {_with_resume(config, interrupt)}", file=sys.stderr)
         sys.exit(checkpointing.INTERRUPTED_EXIT_CODE)
     if summary.get("already_finished"):
         print(f"galkeras.train: {summary['already_finished']}")
@@ -1486,17 +1504,25 @@ def resume_command(config, model_dir):
     return f"--model_dir={model_dir}"
 
 
-def _resume_note(config, fault):
-    """A sentence naming how to resume, when the same command would not."""
+def _with_resume(config, fault):
+    """`fault`'s message, telling how to resume when the same command would not
+    (it would start yet another new run)."""
+    message = str(fault)
     model_dir = getattr(fault, "model_dir", None)
     flag = model_dir and resume_command(config, model_dir)
     if not flag:
-        return ""
-    without = " and without --new_run" if config.new_run else ""
-    return (
-        f"\nThe run is in {model_dir}; the same command would start another new "
-        f"run. To resume this one, re-run with {flag}{without}."
+        return message
+    instead = f"re-run with {flag}" + (
+        " and without --new_run" if config.new_run else ""
     )
+
+    def capitalised(match):
+        return instead[0].upper() + instead[1:] if match[0][0] == "R" else instead
+
+    message, replaced = re.subn(r"[Rr]e-run the same command", capitalised, message)
+    if not replaced:
+        message += f" The run is in {model_dir}: to resume it, {instead}."
+    return message
 
 
 def _fail(message):

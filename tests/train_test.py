@@ -553,6 +553,25 @@ def test_new_run_never_writes_among_a_users_files(tmp_path):
     assert (run_dir / "labels.npz").read_bytes() == b"the user's own labels"
 
 
+def test_changed_data_is_refused_before_the_first_checkpoint_too(tmp_path):
+    # A run that stopped before its first checkpoint: labels.npz is its record.
+    config = tiny_run_config(tmp_path, "digits")
+    noisy, none = np.arange(6) % 3, np.zeros(0, np.int64)
+    (tmp_path / "run").mkdir()
+    train.write_run_record(str(tmp_path / "run"), config, noisy, None, none)
+    train.write_run_record(str(tmp_path / "run"), config, noisy, None, none)  # same
+    for changed, named in [
+        (np.arange(8) % 3, "6 examples when the run started, now 8"),
+        (np.roll(noisy, 1), "other noisy labels for 6 of them"),
+    ]:
+        with pytest.raises(train.ConfigError, match="training set changed") as error:
+            train.write_run_record(str(tmp_path / "run"), config, changed, None, none)
+        assert named in str(error.value)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "run" / "labels.npz")["noisy_labels"], noisy
+    )
+
+
 def test_new_directories_are_never_shared(tmp_path):
     (tmp_path / "run-20261202-101010").mkdir()
     (tmp_path / "run-20261202-101010-2").mkdir()
@@ -583,7 +602,8 @@ def test_a_fault_of_a_new_run_names_the_command_that_resumes_it(
         train.main(["galkeras.train"])
     assert exit_.value.code == checkpointing.PREEMPTED_EXIT_CODE
     err = capsys.readouterr().err
-    assert f"re-run with --model_dir={new_dir} and without --new_run" in err
+    assert f"Re-run with --model_dir={new_dir} and without --new_run to resume" in err
+    assert "same command" not in err
     # The named command resumes: the same flags, that directory, no --new_run.
     assert train.resume_command(config, new_dir) == f"--model_dir={new_dir}"
     same = dataclasses.replace(config, model_dir=new_dir, new_run=False)
