@@ -449,8 +449,8 @@ def run(config):
             lock.release()
         if scratch:
             shutil.rmtree(model_dir, ignore_errors=True)
-    if scratch:
-        summary["model_dir"] = None
+    if scratch:  # removed: a worker's run is the chief's, in --model_dir
+        summary["model_dir"] = None if config.dry_run else config.model_dir or None
     return summary
 
 
@@ -1175,11 +1175,11 @@ def format_summary(summary):
     ]
     if summary.get("dry_run"):
         return "\n".join(["dry run passed (stand-in data; nothing written):", *lines])
-    exported = EXPORTED_NAMES.get(summary.get("reported_network"), "θC")
-    lines += [
-        f"summary: {os.path.join(summary['model_dir'], 'summary.json')}",
-        f"exported {exported}: {summary['export_path']}",
-    ]
+    if summary.get("model_dir"):  # not on the non-chief workers of a cluster
+        lines.append(f"summary: {os.path.join(summary['model_dir'], 'summary.json')}")
+    if summary.get("export_path"):
+        exported = EXPORTED_NAMES.get(summary.get("reported_network"), "θC")
+        lines.append(f"exported {exported}: {summary['export_path']}")
     return "\n".join(lines)
 
 

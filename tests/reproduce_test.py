@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -101,12 +102,17 @@ def test_representative_flag_files_dry_run(name, overrides, tmp_path, monkeypatc
     # `python -m galkeras.reproduce --table=N --dry_run` runs them all. The
     # ResNet-50 / Clothing1M path is covered by backbones_test (the networks)
     # and clothing1m_test (a whole run on on-disk images).
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = train.config_from_flagfile(
         os.path.join(FLAGS_DIR, name), dry_run=True, verbose=0, **overrides
     )
     summary = train.run(config)
     assert summary["dry_run"] and summary["export_path"] is None
+    # Nothing written: the scratch run directory is gone (TensorFlow's autograph
+    # keeps its own generated files in the temp folder).
+    assert summary["model_dir"] is None
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("galkeras-")]
+    assert "nothing written" in train.format_summary(summary)
     assert not os.path.exists(os.path.join(REPO, "runs")) or not any(
         "dry" in d for d in os.listdir(os.path.join(REPO, "runs"))
     )

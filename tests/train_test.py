@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -656,18 +655,6 @@ def test_a_task_index_outside_the_cluster_is_named():
     assert not train.tf_config_problem(
         json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}})
     )
-
-
-def test_a_dry_run_leaves_nothing_behind(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    config = tiny_run_config(tmp_path, "digits", dry_run=True)
-    summary = train.run(config)
-    assert summary["dry_run"] and summary["model_dir"] is None
-    # (TensorFlow's autograph keeps its own generated files there.)
-    assert not [f for f in os.listdir(tmp_path / "tmp") if "galkeras" in f]
-    assert sorted(os.listdir(tmp_path)) == ["tmp"]
-    assert "nothing written" in train.format_summary(summary)
 
 
 def test_a_ce_run_exports_its_trained_network(tmp_path):
