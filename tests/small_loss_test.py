@@ -61,7 +61,9 @@ def test_num_remember_tensor_equals_python_for_every_rate_and_batch_size():
     rates = np.arange(100) / 100  # float64, as forget_rate_schedule gives them
     sizes = np.arange(1, 513)
     want = [[small_loss.num_remember(r, n) for n in sizes] for r in rates]
-    compiled = tf.function(small_loss.num_remember_tensor, jit_compile=True)
+    compiled = tf.function(
+        small_loss.num_remember_tensor, jit_compile=True, autograph=False
+    )
     for fn in (small_loss.num_remember_tensor, compiled):
         got = fn(tf.constant(rates[:, None]), tf.constant(sizes[None, :], tf.int32))
         assert got.dtype == tf.int32
@@ -100,7 +102,9 @@ def test_small_loss_mask_matches_stable_argsort_eagerly_and_compiled():
     losses = rng.exponential(size=10).astype(np.float32)
     losses[[2, 7, 9]] = losses[4]  # a four-way tie
     candidates = rng.random(10) < 0.6
-    compiled = tf.function(small_loss.small_loss_mask, jit_compile=True)
+    compiled = tf.function(
+        small_loss.small_loss_mask, jit_compile=True, autograph=False
+    )
     for n in range(-1, 13):
         want = _numpy_small_loss_mask(losses, n)
         want_in = _numpy_small_loss_mask(losses, n, candidates)
@@ -118,7 +122,9 @@ def test_label_precision_is_the_clean_share_of_the_selection():
     mask = tf.constant([1.0, 1.0, 0.0, 1.0])
     noisy = tf.constant([0, 1, 2, 2])
     clean = tf.constant([0, 2, 0, 2], tf.int64)
-    compiled = tf.function(small_loss.label_precision, jit_compile=True)
+    compiled = tf.function(
+        small_loss.label_precision, jit_compile=True, autograph=False
+    )
     for fn in (small_loss.label_precision, compiled):
         np.testing.assert_allclose(fn(mask, noisy, clean).numpy(), 2 / 3, rtol=1e-6)
         # Nothing selected: 0, not NaN.
