@@ -87,7 +87,8 @@ def coteaching_plus_losses(
       slice is empty;
     - an empty D gives `update` 0 and zero losses with zero gradients. The
       official code instead returns `sum(update_step * CE) / B`, with CE the mean
-      cross entropy of the whole batch and `update_step` 1 for every sample while
+      cross entropy of the whole batch (of the probabilities, see
+      `softmax_twice`) and `update_step` 1 for every sample while
       `step < 5000` and 0 after, where `step` is `epoch * i` (the epoch number
       times the batch index, not a global step): early batches with an empty D
       train on the full batch, later ones get a zero loss (whose optimizer step
@@ -102,15 +103,18 @@ def coteaching_plus_losses(
     - `softmax_twice`: the official code passes `F.softmax(logits)` to
       `F.cross_entropy`, which applies log-softmax again, so its losses (both for
       ranking and for training) are the cross entropy of `softmax(p)`, p the
-      probabilities; default: the cross entropy of the logits.
+      probabilities (only from `init_epoch` on: its plain Co-teaching before
+      then takes the logits); default: the cross entropy of the logits.
 
     Not reproduced: the official D drops the sample whose dataset index is 0 (it
     filters `ind * disagree` for nonzero entries) and then, to match lengths,
     truncates the in-batch positions of D, dropping the last one instead; this
-    touches one batch per epoch.
+    touches at most one batch per epoch.
 
-    Before the official `init_epoch` the method is plain Co-teaching; that choice
-    belongs to the caller.
+    Before `init_epoch` the method is plain Co-teaching (`coteaching_losses`);
+    that choice belongs to the caller. The official `main.py` sets `init_epoch`
+    to 0 for MNIST and 20 Newsgroups, 20 for CIFAR-10, 5 for CIFAR-100 and 100
+    for Tiny-ImageNet.
 
     Args:
         logits_1: float `[B, K]` logits of network 1.
