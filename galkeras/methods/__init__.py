@@ -1,0 +1,1 @@
+"""Noisy-label training methods: GAL's peers and their shared parts."""
