@@ -1,1 +1,25 @@
-"""Noisy-label training methods: GAL's peers and their shared parts."""
+"""Noisy-label training methods: GAL's peers and their shared parts.
+
+Each method is one `keras.Model` subclass over `NoisyLabelMethod`:
+
+- `CE`: one network, plain cross entropy;
+- `CoTeaching` (Han et al., 2018), `CoTeachingPlus` (Yu et al., 2019) and
+  `JoCoR` (Wei et al., 2020): two networks and a small-loss selection.
+
+GAL itself is `galkeras.GAL`.
+"""
+
+from galkeras.methods.base import NoisyLabelMethod, NonFiniteStep
+from galkeras.methods.ce import CE
+from galkeras.methods.coteaching import CoTeaching
+from galkeras.methods.coteaching_plus import CoTeachingPlus
+from galkeras.methods.jocor import JoCoR
+
+__all__ = [
+    "CE",
+    "CoTeaching",
+    "CoTeachingPlus",
+    "JoCoR",
+    "NoisyLabelMethod",
+    "NonFiniteStep",
+]

@@ -170,3 +170,36 @@ def label_precision(mask, noisy_labels, clean_labels):
     return tf.math.divide_no_nan(
         tf.reduce_sum(mask * tf.cast(clean, tf.float32)), tf.reduce_sum(mask)
     )
+
+
+class ForgetRate:
+    """The forget rate of each epoch, as the official code reads its schedule.
+
+    The official training loop (bhanML/Co-teaching `main.py`, and JoCoR's alike)
+    runs `for epoch in range(1, n_epoch)` and reads `rate_schedule[epoch]`: its
+    first trained epoch already forgets `forget_rate / (num_gradual - 1)`, and the
+    full rate holds from its epoch `num_gradual - 1` on. The 0-based epoch `e`
+    here is the official epoch `e + 1`, so it reads entry `e + 1` of
+    `forget_rate_schedule` (the paper's R(e) = 1 − min(e/T_k · τ, τ) reaches τ at
+    epoch T_k instead).
+
+    Args:
+        forget_rate: τ_f in [0, 1).
+        num_gradual: T_k, epochs of the linear ramp.
+        exponent: c of the ramp's end value τ^c (the official default 1).
+    """
+
+    def __init__(self, forget_rate, num_gradual=10, exponent=1):
+        self.forget_rate = float(forget_rate)
+        self.num_gradual = int(num_gradual)
+        self.exponent = float(exponent)
+        # Entries 0..T_k: entry T_k and every later epoch hold τ_f.
+        self.table = forget_rate_schedule(
+            forget_rate, num_gradual, self.num_gradual + 1, exponent
+        )
+
+    def __call__(self, epoch):
+        """The float64 forget rate of 0-based `epoch` (a tensor or an int)."""
+        last = len(self.table) - 1
+        index = tf.minimum(tf.cast(epoch, tf.int64) + 1, last)
+        return tf.gather(tf.constant(self.table, tf.float64), index)

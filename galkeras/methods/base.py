@@ -1,0 +1,484 @@
+"""`NoisyLabelMethod`: what every peer method shares, so that each is one file.
+
+A method is a `keras.Model` over one or two networks, each with its own
+optimizer. It trains on one seeded, shuffled stream of the training set (the
+same augmentation as GAL's, one pass per epoch; only GAL pairs batches with
+CDAS), and a subclass says only how one batch's logits become each network's
+loss (`network_losses`). Shared here:
+
+- the run step, a checkpointed variable the train step advances, from which the
+  epoch (and so the forget-rate schedule) follows inside the graph;
+- float32 losses under mixed precision, with float16 loss scaling;
+- `on_nonfinite` (stop, or skip the step for every network), as GAL has it;
+- evaluation of each network and of the two networks' joint prediction
+  (Eq. 6 of the GAL paper: the mean of their softmax outputs);
+- `fit` from any global step (a resumed run continues mid-epoch), `predict`
+  with the reported network, `classifier` for export, `run_state` for
+  checkpoints, and `get_config` for `.keras` files.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from galkeras import sampling
+from galkeras.gated_update import (
+    DynamicLossScale,
+    GatedUpdate,
+    record_nonfinite,
+)
+from galkeras.training_set import TrainingSet
+
+ON_NONFINITE = ("stop", "skip_step")
+JOINT = "joint"
+
+
+class NonFiniteStep(FloatingPointError):
+    """A step of `method` had a non-finite loss or gradient (`on_nonfinite=stop`)."""
+
+
+class NoisyLabelMethod(keras.Model):
+    """Base of the peer methods: networks, optimizers, the stream and the step.
+
+    Subclasses set `NETWORKS` (the names of their networks, also attribute
+    names), `REPORTED` (the network whose accuracy is the method's result), and
+    implement `network_losses`.
+
+    Args:
+        networks: `keras.Model`s mapping raw images to logits, one per name in
+            `NETWORKS`, in that order.
+        on_nonfinite: `"stop"` (default: `fit` raises after a step with a
+            non-finite loss or gradient) or `"skip_step"` (that step moves no
+            network and is counted in `nonfinite_steps`).
+    """
+
+    NETWORKS = ()
+    REPORTED = None
+
+    def __init__(self, *networks, on_nonfinite="stop", **kwargs):
+        super().__init__(**kwargs)
+        if len(networks) != len(self.NETWORKS):
+            raise ValueError(
+                f"{type(self).__name__} takes {len(self.NETWORKS)} networks "
+                f"{self.NETWORKS}; got {len(networks)}."
+            )
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}; got {on_nonfinite!r}."
+            )
+        # === Layers ===
+        for name, net in zip(self.NETWORKS, networks):
+            setattr(self, name, net)
+        # === Config ===
+        self.on_nonfinite = on_nonfinite
+        # === State ===
+        # Steps of the run done so far: advanced by the train step itself, so the
+        # epoch (and every schedule of it) is known inside the graph, and saved
+        # with the run.
+        self.run_step = self._counter("run_step", "int64")
+        self.steps_per_epoch = self._counter("steps_per_epoch", "int64")
+        self.nonfinite_steps = self._counter("nonfinite_steps", "int32")
+        self.nonfinite_networks = self._counter("nonfinite_networks", "int32")
+        self.loss_scaling = networks[0].dtype_policy.compute_dtype == "float16"
+        self.loss_scale = DynamicLossScale(self, "loss_scale", self.loss_scaling)
+        self._updates = None
+        # === Metrics ===
+        self._train_trackers = {"loss": keras.metrics.Mean(name="loss")}
+        for key in self.train_log_keys():
+            self._train_trackers[key] = keras.metrics.Mean(name=key)
+        evaluated = [*self.NETWORKS, *([JOINT] if len(self.NETWORKS) > 1 else [])]
+        self._test_trackers = {"loss": keras.metrics.Mean(name="loss")}
+        for key in evaluated:
+            self._test_trackers[f"{key}_accuracy"] = (
+                keras.metrics.SparseCategoricalAccuracy(name=f"{key}_accuracy")
+            )
+        self.built = all(net.built for net in networks)
+
+    def _counter(self, name, dtype):
+        return self.add_weight(
+            shape=(),
+            dtype=dtype,
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name=name,
+        )
+
+    @property
+    def networks(self):
+        """`{name: keras.Model}`, in `NETWORKS` order."""
+        return {name: getattr(self, name) for name in self.NETWORKS}
+
+    def train_log_keys(self):
+        """Names of the method's own per-step values that `network_losses`
+        returns besides the losses (their epoch means are logged)."""
+        return ()
+
+    def network_losses(self, logits, labels, ids, epoch):
+        """The losses of one batch.
+
+        Args:
+            logits: `{network name: float32 [B, K] logits}` of the local batch,
+                computed in training mode.
+            labels: int32 `[B]` noisy labels.
+            ids: int64 `[B]` sample ids.
+            epoch: int64 scalar, the 0-based epoch of this step.
+
+        Returns:
+            `(losses, update, values)`: `{network name: scalar loss}` (the
+            gradient of each updates that network; a loss may serve both),
+            `update`, None or a scalar bool (False: no network moves at this
+            step), and `{key: scalar}` for `train_log_keys`.
+        """
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- keras
+    def build(self, input_shape=None):
+        for net in self.networks.values():
+            if not net.built:
+                net.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=False):
+        """The reported network's logits."""
+        return getattr(self, self.REPORTED)(inputs, training=training)
+
+    def compile(self, optimizer="sgd", **kwargs):
+        """One optimizer per network: `optimizer` for the first, clones for the
+        others (the same hyperparameters and schedule). Other arguments are
+        `keras.Model.compile`'s; the losses are the method's own."""
+        for arg in ("loss", "metrics", "weighted_metrics", "loss_weights"):
+            if kwargs.get(arg) is not None:
+                raise ValueError(
+                    f"{type(self).__name__}.compile does not take `{arg}`: the "
+                    "method's losses are fixed."
+                )
+        optimizer = keras.optimizers.get(optimizer)
+        super().compile(optimizer=optimizer, **kwargs)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # The method scales its losses itself (one scale for all networks).
+            self.optimizer = self.optimizer.inner_optimizer
+        self.optimizers = [self.optimizer] + [
+            self.optimizer.__class__.from_config(self.optimizer.get_config())
+            for _ in self.NETWORKS[1:]
+        ]
+        self._updates = None
+
+    def get_compile_config(self):
+        return {"optimizer": keras.saving.serialize_keras_object(self.optimizer)}
+
+    def compile_from_config(self, config):
+        self.compile(keras.saving.deserialize_keras_object(config["optimizer"]))
+        if self.built:
+            self._build_optimizers()
+
+    def _build_optimizers(self):
+        """Builds each optimizer on its own network's variables only."""
+        if self._updates is not None:
+            return
+        with self.distribute_strategy.scope():
+            for opt, net in zip(self.optimizers, self.networks.values()):
+                if not opt.built:
+                    opt.build(net.trainable_variables)
+        self._updates = [
+            GatedUpdate(opt, net.trainable_variables, self.loss_scale)
+            for opt, net in zip(self.optimizers, self.networks.values())
+        ]
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # The networks are built at construction; Keras' symbolic build would
+        # also average a dict batch over replicas, which is not needed.
+        self._build_optimizers()
+
+    @property
+    def metrics(self):
+        return [*self._train_trackers.values(), *self._test_trackers.values()]
+
+    def _logs(self, trackers):
+        logs = {name: tracker.result() for name, tracker in trackers.items()}
+        if self.distribute_strategy.extended._in_multi_worker_mode():
+            # Keras averages multi-worker logs along an axis.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    # ------------------------------------------------------------ train step
+    def train_step(self, data):
+        images = tf.cast(data["image_a"], tf.float32)
+        labels, ids = data["label_a"], data["id_a"]
+        epoch = self.run_step // tf.maximum(self.steps_per_epoch, 1)
+        networks = self.networks
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        skip = self.on_nonfinite == "skip_step"
+        if skip:
+            # The forward passes move BatchNorm statistics: keep the old ones.
+            saved = [
+                (_tf_variable(v), tf.identity(v.value))
+                for net in networks.values()
+                for v in net.non_trainable_variables
+            ]
+        with tf.GradientTape(persistent=len(networks) > 1) as tape:
+            logits = {
+                name: tf.cast(net(images, training=True), tf.float32)
+                for name, net in networks.items()
+            }
+            losses, update, values = self.network_losses(logits, labels, ids, epoch)
+            # The optimizer sums gradients over replicas, so each replica
+            # contributes its mean divided by the replica count.
+            scaled = {
+                name: self.loss_scale.scale(losses[name] / replicas)
+                for name in networks
+            }
+        grads = {
+            name: self.loss_scale.unscale(
+                tape.gradient(scaled[name], net.trainable_variables)
+            )
+            for name, net in networks.items()
+        }
+        del tape
+        faults = {
+            name: self.loss_scale.fault_free(losses[name], grads[name])
+            for name in networks
+        }
+        step_ok = record_nonfinite(
+            faults, self.NETWORKS, self.nonfinite_steps, self.nonfinite_networks
+        )
+        finite = self.loss_scale.check([g for gs in grads.values() for g in gs])
+        verdicts = [v for v in (update, step_ok if skip else None) if v is not None]
+        verdict = tf.reduce_all(tf.stack(verdicts)) if verdicts else None
+        for (name, net), gated in zip(networks.items(), self._updates):
+            gated.apply(grads[name], step_ok=verdict, finite=finite)
+        if skip:
+            for variable, old in saved:
+                variable.assign(tf.where(step_ok, variable.read_value(), old))
+        self.run_step.assign_add(1)
+        self._train_trackers["loss"].update_state(losses[self.REPORTED])
+        for key, value in values.items():
+            self._train_trackers[key].update_state(value)
+        return self._logs(self._train_trackers)
+
+    # ------------------------------------------------------------ evaluation
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        images = tf.cast(images, tf.float32)
+        probabilities = {
+            name: tf.nn.softmax(tf.cast(net(images, training=False), tf.float32))
+            for name, net in self.networks.items()
+        }
+        if len(probabilities) > 1:
+            probabilities[JOINT] = tf.add_n(list(probabilities.values())) / len(
+                probabilities
+            )
+        t = self._test_trackers
+        reported = probabilities[self.REPORTED]
+        t["loss"].update_state(
+            keras.ops.mean(
+                keras.losses.sparse_categorical_crossentropy(labels, reported)
+            )
+        )
+        for name, p in probabilities.items():
+            t[f"{name}_accuracy"].update_state(labels, p)
+        return self._logs(t)
+
+    def predict_step(self, data):
+        """The reported network's class probabilities."""
+        images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits = self(tf.cast(images, tf.float32), training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32))
+
+    def classifier(self, network=None):
+        """The network `network` names (default: the reported one) as a logits
+        `keras.Model` of raw images, for export; `"joint"` is the networks'
+        joint prediction as the logits `log p_joint`."""
+        network = network or self.REPORTED
+        if network != JOINT:
+            return getattr(self, network)
+        from galkeras.model import JointLogits
+
+        first, second = self.networks.values()
+        images = keras.Input(first.input_shape[1:], name="image")
+        logits = JointLogits(name="joint_logits")(first(images), second(images))
+        return keras.Model(images, logits, name=JOINT)
+
+    def run_state(self):
+        """Every variable a resumed run needs, `{group: [tf.Variable]}`: each
+        network (with BatchNorm statistics), each optimizer, and the method's
+        own state (run step, loss scale, non-finite counters)."""
+        self._build_optimizers()
+        groups = {name: net.variables for name, net in self.networks.items()}
+        for name, opt in zip(self.NETWORKS, self.optimizers):
+            groups[f"optimizer_{name}"] = opt.variables
+        groups["method"] = [
+            self.run_step,
+            self.steps_per_epoch,
+            self.nonfinite_steps,
+            self.nonfinite_networks,
+            *self.loss_scale.variables,
+        ]
+        return {k: [_tf_variable(v) for v in vs] for k, vs in groups.items()}
+
+    # ---------------------------------------------------------------- fit
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_data=None,
+        initial_epoch=0,
+        initial_step=None,
+        **kwargs,
+    ):
+        """Trains the method on a `galkeras.TrainingSet` or images `x` with labels
+        `y`: one seeded shuffled pass over the set per epoch, the set's
+        augmentation applied per step.
+
+        `initial_step` resumes a run at that global step (after restoring its
+        state); the rest of a started epoch runs as one shorter Keras epoch.
+        Other arguments are `keras.Model.fit`'s; `steps_per_epoch` is
+        ⌈N / batch_size⌉ and `shuffle` is the seeded stream's.
+        """
+        training_set = training_set_of(x, y, batch_size, self, kwargs)
+        if self.optimizer is None:
+            raise ValueError(
+                f"Call {type(self).__name__}.compile(optimizer=...) before fit()."
+            )
+        self._build_optimizers()
+        steps = training_set.steps_per_epoch
+        self.steps_per_epoch.assign(steps)
+        if initial_step is None:
+            initial_step = initial_epoch * steps
+        # One shuffled stream: the sampler's warm-up plan, for the whole run.
+        sampler = sampling.CDASSampler(
+            training_set.labels,
+            training_set.batch_size,
+            num_classes=training_set.num_classes,
+            mode="random",
+            seed=training_set.seed,
+            warmup_steps=2**62,
+        )
+        start = {"step": int(initial_step)}
+        dataset = sampling.paired_dataset(
+            sampler,
+            training_set.images,
+            training_set.labels,
+            start_step=lambda: start["step"],
+            augment=training_set.augment,
+        )
+        self.sampler = sampler
+
+        def keras_fit(first_epoch, last_epoch, steps_per_epoch, first_step):
+            start["step"] = first_step
+            self.run_step.assign(first_step)
+            return super(NoisyLabelMethod, self).fit(
+                dataset,
+                epochs=last_epoch,
+                verbose=verbose,
+                callbacks=[_StopOnNonFinite(self), *(callbacks or [])],
+                validation_data=validation_data,
+                initial_epoch=first_epoch,
+                steps_per_epoch=steps_per_epoch,
+                shuffle=False,
+                **kwargs,
+            )
+
+        return fit_from_step(keras_fit, initial_step, epochs, steps)
+
+    # --------------------------------------------------------------- config
+    def get_config(self):
+        config = super().get_config()
+        for name, net in self.networks.items():
+            config[name] = keras.saving.serialize_keras_object(net)
+        config.update(on_nonfinite=self.on_nonfinite)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        networks = [
+            keras.saving.deserialize_keras_object(config.pop(name))
+            for name in cls.NETWORKS
+        ]
+        return cls(*networks, **config)
+
+
+def fit_from_step(keras_fit, initial_step, epochs, steps):
+    """Runs `keras_fit(first_epoch, last_epoch, steps_per_epoch, first_step)` so
+    that training covers global steps `initial_step` to `epochs * steps`.
+
+    Keras' epochs all have one length, so the rest of an epoch a resumed run
+    stopped in is a fit of its own; the two `History` objects are merged.
+    """
+    if initial_step < 0:
+        raise ValueError(f"initial_step must be >= 0; got {initial_step}.")
+    first_epoch, done_in_epoch = divmod(int(initial_step), steps)
+    if not done_in_epoch:
+        return keras_fit(first_epoch, epochs, steps, first_epoch * steps)
+    history = keras_fit(
+        first_epoch, first_epoch + 1, steps - done_in_epoch, int(initial_step)
+    )
+    if first_epoch + 1 >= epochs:
+        return history
+    rest = keras_fit(first_epoch + 1, epochs, steps, (first_epoch + 1) * steps)
+    for key, values in history.history.items():
+        rest.history[key] = values + rest.history.get(key, [])
+    rest.epoch = history.epoch + rest.epoch
+    return rest
+
+
+def training_set_of(x, y, batch_size, method, fit_kwargs):
+    """The `TrainingSet` a method's `fit(x, y, batch_size)` trains on."""
+    if isinstance(x, tf.data.Dataset):
+        raise TypeError(
+            f"{type(method).__name__}.fit takes images and labels (arrays) or a "
+            "galkeras.TrainingSet, not a tf.data.Dataset: it draws its own seeded, "
+            "resumable stream. Wrap your arrays in galkeras.TrainingSet(images, "
+            "labels, batch_size=..., augment=...)."
+        )
+    for arg in ("steps_per_epoch", "shuffle", "validation_split", "sample_weight"):
+        if fit_kwargs.pop(arg, None) not in (None, True):
+            raise ValueError(f"{type(method).__name__}.fit does not support `{arg}`.")
+    if isinstance(x, TrainingSet):
+        if y is not None or batch_size is not None:
+            raise ValueError(
+                "Pass labels and batch_size inside the TrainingSet, not to fit()."
+            )
+        return x
+    first = next(iter(method.networks.values()))
+    return TrainingSet(
+        np.asarray(x),
+        y,
+        batch_size=batch_size or 32,
+        num_classes=first.output_shape[-1],
+    )
+
+
+class _StopOnNonFinite(keras.callbacks.Callback):
+    """Raises `NonFiniteStep` right after a step with a non-finite loss or
+    gradient, when the method's `on_nonfinite` is `stop`."""
+
+    def __init__(self, method):
+        super().__init__()
+        self._method = method
+        self._seen = None
+
+    def on_train_begin(self, logs=None):
+        self._seen = int(self._method.nonfinite_steps.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._method.on_nonfinite != "stop":
+            return
+        count = int(self._method.nonfinite_steps.numpy())
+        if count > self._seen:
+            bits = int(self._method.nonfinite_networks.numpy())
+            names = [n for i, n in enumerate(self._method.NETWORKS) if bits >> i & 1]
+            raise NonFiniteStep(
+                f"Step {int(self._method.run_step.numpy())} of "
+                f"{type(self._method).__name__} had a non-finite loss or gradient "
+                f"in {', '.join(names)}; --on_nonfinite=skip_step skips such steps."
+            )
+
+
+def _tf_variable(v):
+    return v.value if isinstance(v, keras.Variable) else v

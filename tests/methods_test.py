@@ -1,0 +1,171 @@
+"""The peer methods as Keras models: their steps against CE's, the forget-rate
+schedule in the graph, resume, and `.keras` files."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_data, tiny_net
+
+from galkeras import methods
+
+
+def _compiled(method, lr=0.1, momentum=0.0):
+    method.compile(optimizer=keras.optimizers.SGD(lr, momentum=momentum))
+    return method
+
+
+def _step_batch(n=12):
+    images, labels = tiny_data(n=n)
+    return {
+        "image_a": tf.constant(images, tf.float32),
+        "label_a": tf.constant(labels, tf.int32),
+        "id_a": tf.range(n, dtype=tf.int64),
+    }
+
+
+def _weights(net):
+    return [np.array(w) for w in net.weights]
+
+
+def _one_step(method):
+    method._build_optimizers()
+    method.steps_per_epoch.assign(10)
+    method.train_step(_step_batch())
+    return method
+
+
+def test_two_networks_without_selection_or_coupling_each_take_ces_step():
+    # Forget rate 0 keeps every sample, and λ = 0 removes JoCoR's KL: each
+    # network then takes exactly the step CE takes on it.
+    ce = _one_step(_compiled(methods.CE(tiny_net("net", seed=1))))
+    for method in (
+        methods.CoTeaching(tiny_net("a", seed=1), tiny_net("b", seed=1), 0.0),
+        methods.JoCoR(tiny_net("a", seed=1), tiny_net("b", seed=1), 0.0, co_lambda=0),
+    ):
+        _one_step(_compiled(method))
+        for net in (method.net1, method.net2):
+            for got, want in zip(_weights(net), _weights(ce.net)):
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _dense_net(name):
+    """A classifier without BatchNorm, whose step on a subset of a batch is a
+    step on that subset alone."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255.0)(inputs))
+    x = keras.layers.Dense(6, activation="relu")(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x), name=name)
+
+
+def test_coteaching_trains_each_network_on_its_peers_selection():
+    # Net 2 is a copy of net 1, so S¹ = S²: each network's step is CE's step on
+    # the kept samples alone.
+    method = methods.CoTeaching(_dense_net("a"), _dense_net("b"), 0.5, num_gradual=0)
+    batch = _step_batch()
+    z = method.net1(batch["image_a"]).numpy()
+    z = z - z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    ce = -log_p[np.arange(12), batch["label_a"].numpy()]
+    kept = np.argsort(ce, kind="stable")[:6]  # int((1 - 0.5) * 12)
+    _one_step(_compiled(method))
+    reference = _compiled(methods.CE(_dense_net("net")))
+    reference._build_optimizers()
+    reference.train_step({k: tf.gather(v, kept) for k, v in batch.items()})
+    for net in (method.net1, method.net2):
+        for got, want in zip(_weights(net), _weights(reference.net)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_coteaching_plus_moves_nothing_when_the_networks_agree_everywhere():
+    # Identical networks never disagree: D is empty, and the step moves no
+    # weight and no optimizer slot or counter. (BatchNorm statistics move, as
+    # the forward pass in training mode ran, in the official code too.)
+    method = methods.CoTeachingPlus(
+        tiny_net("a", seed=1), tiny_net("b", seed=1), 0.2, init_epoch=0
+    )
+    _compiled(method, momentum=0.9)
+
+    def trainable(method):
+        return [np.array(w) for w in method.trainable_weights] + [
+            np.array(v) for opt in method.optimizers for v in opt.variables
+        ]
+
+    _one_step(method)  # builds the optimizers; nothing moves
+    before = trainable(method)
+    _one_step(method)
+    after = trainable(method)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert int(method.optimizers[0].iterations.numpy()) == 0
+    # Before init_epoch it is plain Co-teaching, which does move them.
+    early = methods.CoTeachingPlus(
+        tiny_net("a", seed=1), tiny_net("b", seed=1), 0.2, init_epoch=5
+    )
+    initial = np.array(early.net1.trainable_weights[0])
+    _one_step(_compiled(early))
+    assert not np.array_equal(np.array(early.net1.trainable_weights[0]), initial)
+
+
+def test_forget_rate_of_each_epoch_follows_the_official_ramp():
+    images, labels = tiny_data(n=24)
+    method = _compiled(
+        methods.JoCoR(tiny_net("a"), tiny_net("b", seed=1), 0.4, num_gradual=3)
+    )
+    history = method.fit(images, labels, batch_size=12, epochs=4, verbose=0)
+    # linspace(0, 0.4, 3) = [0, 0.2, 0.4], read at entry epoch + 1.
+    np.testing.assert_allclose(
+        history.history["forget_rate"], [0.2, 0.4, 0.4, 0.4], rtol=1e-6
+    )
+    assert int(method.run_step.numpy()) == 8
+
+
+@pytest.mark.parametrize("kind", ["ce", "coteaching_plus"])
+def test_fit_in_two_parts_equals_fit_in_one_and_keras_files_round_trip(kind, tmp_path):
+    images, labels = tiny_data(n=36)
+
+    def make():
+        if kind == "ce":
+            return _compiled(methods.CE(tiny_net("net")), momentum=0.9)
+        return _compiled(
+            methods.CoTeachingPlus(
+                tiny_net("a"), tiny_net("b", seed=1), 0.3, init_epoch=1, num_gradual=2
+            ),
+            momentum=0.9,
+        )
+
+    whole, parts = make(), make()
+    test = (images[:12], labels[:12])
+    history = whole.fit(
+        images, labels, batch_size=8, epochs=3, validation_data=test, verbose=0
+    )
+    parts.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    parts.fit(images, labels, batch_size=8, epochs=3, initial_epoch=1, verbose=0)
+    for net in whole.networks:
+        for a, b in zip(_weights(whole.networks[net]), _weights(parts.networks[net])):
+            np.testing.assert_array_equal(a, b)
+    expected = [f"val_{n}_accuracy" for n in whole.networks]
+    if kind != "ce":
+        expected.append("val_joint_accuracy")
+    assert set(expected) <= set(history.history)
+
+    path = tmp_path / "method.keras"
+    whole.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(whole)
+    np.testing.assert_allclose(
+        loaded.predict(test[0], verbose=0), whole.predict(test[0], verbose=0), atol=1e-6
+    )
+    own = {k: v for k, v in whole.get_config().items() if k not in whole.networks}
+    assert own.items() <= loaded.get_config().items()
+
+
+def test_joint_classifier_is_the_mean_of_the_two_softmaxes():
+    method = methods.CoTeaching(tiny_net("a"), tiny_net("b", seed=1), 0.2)
+    images = tiny_data(n=5)[0].astype("float32")
+    p1 = tf.nn.softmax(method.net1(images)).numpy()
+    p2 = tf.nn.softmax(method.net2(images)).numpy()
+    joint = tf.nn.softmax(method.classifier("joint")(images)).numpy()
+    np.testing.assert_allclose(joint, (p1 + p2) / 2, atol=1e-6)
+    assert method.classifier() is method.net1
