@@ -109,15 +109,15 @@ class RunCheckpoint:
     """Saves and restores the whole state of one GAL run (see the module doc).
 
     Args:
-        gal: the compiled `GAL`; its pseudo-label table must exist
-            (`gal.ensure_pseudo_label_table`).
+        gal: the compiled method (`GAL`, or a `galkeras.methods` peer); GAL's
+            pseudo-label table must exist (`gal.ensure_pseudo_label_table`).
         directory: where the checkpoints go (`<model_dir>/checkpoints`).
         noisy_labels: int array `[N]`, the labels the run trains on.
         max_to_keep: how many of the newest checkpoints are kept.
     """
 
     def __init__(self, gal, directory, noisy_labels, max_to_keep=2):
-        if gal.pseudo_labels is None:
+        if getattr(gal, "pseudo_labels", ()) is None:
             raise ValueError("Make the pseudo-label table before the checkpoint.")
         self.directory = directory
         self.noisy_labels = np.asarray(noisy_labels, np.int64)

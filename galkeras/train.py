@@ -21,6 +21,7 @@ from galkeras import noise
 from galkeras.datasets.cifar import REAL_NOISE_TYPES
 
 _DEFAULTS = dict(
+    method="gal",
     dataset="digits",
     data_dir=None,
     noise_type="sym",
@@ -67,6 +68,13 @@ _DEFAULTS = dict(
     checkpoint_every_steps=0,
     on_nonfinite="stop",
     new_run=False,
+    forget_rate=None,
+    num_gradual=10,
+    forget_exponent=1.0,
+    co_lambda=0.9,
+    init_epoch=20,
+    divide_twice=False,
+    softmax_twice=False,
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
@@ -84,6 +92,28 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
 LOCK_FILE = ".galkeras.lock"  # checkpointing.LOCK_FILE
 ON_NONFINITE = ("stop", "skip_step")
+# The methods, and the flags only some of them read; any other method refuses
+# them (a silently ignored flag is a wrong experiment).
+METHODS = ("gal", "ce", "coteaching", "coteaching_plus", "jocor")
+_SMALL_LOSS = ("forget_rate", "num_gradual", "forget_exponent")
+METHOD_FLAGS = {
+    "gal": (
+        "warmup_epochs",
+        "tau",
+        "epsilon",
+        "update_rule",
+        "random_update_prob",
+        "sampling",
+        "masked_update",
+        "agreement_granularity",
+        "train_student",
+        "student_backbone",
+    ),
+    "ce": (),
+    "coteaching": (*_SMALL_LOSS, "divide_twice"),
+    "coteaching_plus": (*_SMALL_LOSS, "divide_twice", "init_epoch", "softmax_twice"),
+    "jocor": (*_SMALL_LOSS, "co_lambda"),
+}
 # The largest --seed and --noise_seed: NumPy's and Keras' global seeds are 32-bit.
 MAX_SEED = 2**32 - 1
 # The flags that only some dataset sources read; any other source refuses them.
@@ -112,8 +142,9 @@ EXIT_TRAINING_FAULT = 3  # a non-finite step, or a checkpoint that could not be 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything one GAL run needs; field names equal the CLI flags."""
+    """Everything one run needs; field names equal the CLI flags."""
 
+    method: str = _DEFAULTS["method"]
     dataset: str = _DEFAULTS["dataset"]
     data_dir: str | None = _DEFAULTS["data_dir"]
     noise_type: str = _DEFAULTS["noise_type"]
@@ -160,6 +191,13 @@ class TrainConfig:
     checkpoint_every_steps: int = _DEFAULTS["checkpoint_every_steps"]
     on_nonfinite: str = _DEFAULTS["on_nonfinite"]
     new_run: bool = _DEFAULTS["new_run"]
+    forget_rate: float | None = _DEFAULTS["forget_rate"]
+    num_gradual: int = _DEFAULTS["num_gradual"]
+    forget_exponent: float = _DEFAULTS["forget_exponent"]
+    co_lambda: float = _DEFAULTS["co_lambda"]
+    init_epoch: int = _DEFAULTS["init_epoch"]
+    divide_twice: bool = _DEFAULTS["divide_twice"]
+    softmax_twice: bool = _DEFAULTS["softmax_twice"]
 
 
 def config_problems(config):
@@ -187,13 +225,17 @@ def config_problems(config):
         )
     need(c.verbose in (0, 1, 2), f"--verbose={c.verbose} must be 0, 1 or 2.")
     problems += dataset_flag_problems(c)
+    if c.method not in METHODS:
+        problems.append(f"--method={c.method!r} is unknown; choose one of {METHODS}.")
+    else:
+        problems += method_flag_problems(c)
     need(0.0 <= c.noise_rate < 1.0, f"--noise_rate={c.noise_rate} must be in [0, 1).")
     need(-1.0 <= c.tau <= 1.0, f"--tau={c.tau} must be in [-1, 1].")
     need(0.0 <= c.epsilon < 1.0, f"--epsilon={c.epsilon} must be in [0, 1).")
     need(c.batch_size >= 1, f"--batch_size={c.batch_size} must be >= 1.")
     need(c.epochs >= 1, f"--epochs={c.epochs} must be >= 1.")
     need(
-        0 <= c.warmup_epochs <= c.epochs,
+        c.method != "gal" or 0 <= c.warmup_epochs <= c.epochs,
         f"--warmup_epochs={c.warmup_epochs} must be in [0, --epochs={c.epochs}].",
     )
     need(c.lr > 0, f"--lr={c.lr} must be > 0.")
@@ -298,6 +340,50 @@ def config_problems(config):
         if not c.new_run:
             problems += resume_problems(c)
     return problems
+
+
+def method_flag_problems(config):
+    """The problems of the flags of `config.method`: flags of other methods set
+    away from their defaults, and the forget-rate flags' values."""
+    c = config
+    problems = [
+        f"--{flag} does not apply to --method={c.method} (only to "
+        + ", ".join(m for m, used in METHOD_FLAGS.items() if flag in used)
+        + "); remove it."
+        for flag in sorted({f for used in METHOD_FLAGS.values() for f in used})
+        if flag not in METHOD_FLAGS[c.method] and getattr(c, flag) != _DEFAULTS[flag]
+    ]
+    if "forget_rate" not in METHOD_FLAGS[c.method]:
+        return problems
+    if c.forget_rate is not None and not 0.0 <= c.forget_rate < 1.0:
+        problems.append(f"--forget_rate={c.forget_rate} must be in [0, 1).")
+    if c.forget_rate is None and c.noise_type in REAL_NOISE_TYPES:
+        problems.append(
+            f"--method={c.method} needs a forget rate, and --noise_type="
+            f"{c.noise_type} is real noise of unknown rate: pass --forget_rate "
+            "(your estimate of the noise rate, in [0, 1))."
+        )
+    if c.num_gradual < 0:
+        problems.append(f"--num_gradual={c.num_gradual} must be >= 0.")
+    if not c.forget_exponent > 0:
+        problems.append(f"--forget_exponent={c.forget_exponent} must be > 0.")
+    if not 0.0 <= c.co_lambda <= 1.0:
+        problems.append(f"--co_lambda={c.co_lambda} must be in [0, 1].")
+    if c.init_epoch < 0:
+        problems.append(f"--init_epoch={c.init_epoch} must be >= 0.")
+    return problems
+
+
+def method_forget_rate(config):
+    """The forget rate τ_f of a small-loss method: `--forget_rate`, else the
+    synthetic noise rate, halved for `asym` (whose flips touch half of the
+    classes, so its effective rate is about r/2, as JoCoR's official code
+    sets it)."""
+    if config.forget_rate is not None:
+        return config.forget_rate
+    if config.noise_type == "asym":
+        return config.noise_rate / 2
+    return 0.0 if config.noise_type == "none" else config.noise_rate
 
 
 def dataset_flag_problems(config):
@@ -764,7 +850,7 @@ def _fit_and_write(
         run_logging,
         sampling,
     )
-    from galkeras.model import GAL, NonFiniteError
+    from galkeras.model import NonFiniteError
     from galkeras.training_set import TrainingSet
 
     with strategy.scope():
@@ -800,21 +886,7 @@ def _fit_and_write(
                 net = backbones.synchronize_batchnorm(net)
             return net
 
-        gal = GAL(
-            make("twin_a", config.backbone),
-            make("twin_b", config.backbone),
-            make("student", config.student_backbone or config.backbone),
-            warmup_epochs=config.warmup_epochs,
-            tau=config.tau,
-            epsilon=config.epsilon,
-            update_rule=config.update_rule,
-            random_update_prob=config.random_update_prob,
-            masked_update=config.masked_update,
-            agreement_granularity=config.agreement_granularity,
-            train_student=config.train_student,
-            seed=config.seed,
-            on_nonfinite=config.on_nonfinite,
-        )
+        gal = build_method(config, make)
         # The held-out samples are never trained on: not in the batches, not in
         # θC's pseudo-label table, not in its statistics.
         train_ids, heldout_ids = split
@@ -843,7 +915,8 @@ def _fit_and_write(
                 weight_decay_mode=config.weight_decay_mode,
             )
         )
-        gal.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
+        if config.method == "gal":
+            gal.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
     write_run_record(model_dir, config, noisy, clean, heldout_ids)
     run_checkpoint = checkpointing.RunCheckpoint(
         gal,
@@ -904,18 +977,25 @@ def _fit_and_write(
             data.x_val, data.y_val, config.batch_size
         )
     history_csv = os.path.join(model_dir, "history.csv")
-    callbacks = [
-        keras.callbacks.CSVLogger(history_csv, append=True),
-        per_variable_agreement_logger(
-            gal, os.path.join(model_dir, "agreement_per_variable.csv")
-        ),
-        run_logging.RunLogger(
-            gal,
-            os.path.join(model_dir, "tensorboard"),
-            steps_csv=os.path.join(model_dir, "steps.csv"),
-            every_n_steps=config.log_every_steps,
-        ),
-    ]
+    callbacks = [keras.callbacks.CSVLogger(history_csv, append=True)]
+    if config.method == "gal":
+        callbacks += [
+            per_variable_agreement_logger(
+                gal, os.path.join(model_dir, "agreement_per_variable.csv")
+            ),
+            run_logging.RunLogger(
+                gal,
+                os.path.join(model_dir, "tensorboard"),
+                steps_csv=os.path.join(model_dir, "steps.csv"),
+                every_n_steps=config.log_every_steps,
+            ),
+        ]
+    else:
+        callbacks.append(
+            keras.callbacks.TensorBoard(
+                os.path.join(model_dir, "tensorboard"), write_graph=False
+            )
+        )
     if "validation" in evaluation:
         callbacks.insert(0, run_logging.EvaluateTestSplit(gal, evaluation["test"]))
     if len(heldout_ids):
@@ -998,6 +1078,53 @@ def _fit_and_write(
     return summary
 
 
+def build_method(config, make):
+    """The `keras.Model` of `config.method` over networks from `make(name, kind)`.
+
+    The networks are made in a fixed order after the seed is set, so the first
+    network of every method starts from the same weights (CE's network is GAL's
+    θA).
+    """
+    from galkeras import methods
+    from galkeras.model import GAL
+
+    if config.method == "gal":
+        return GAL(
+            make("twin_a", config.backbone),
+            make("twin_b", config.backbone),
+            make("student", config.student_backbone or config.backbone),
+            warmup_epochs=config.warmup_epochs,
+            tau=config.tau,
+            epsilon=config.epsilon,
+            update_rule=config.update_rule,
+            random_update_prob=config.random_update_prob,
+            masked_update=config.masked_update,
+            agreement_granularity=config.agreement_granularity,
+            train_student=config.train_student,
+            seed=config.seed,
+            on_nonfinite=config.on_nonfinite,
+        )
+    kind = {
+        "ce": methods.CE,
+        "coteaching": methods.CoTeaching,
+        "coteaching_plus": methods.CoTeachingPlus,
+        "jocor": methods.JoCoR,
+    }[config.method]
+    options = {
+        flag: getattr(config, flag)
+        for flag in METHOD_FLAGS[config.method]
+        if flag not in _SMALL_LOSS
+    }
+    if "forget_rate" in METHOD_FLAGS[config.method]:
+        options.update(
+            forget_rate=method_forget_rate(config),
+            num_gradual=config.num_gradual,
+            exponent=config.forget_exponent,
+        )
+    networks = [make(name, config.backbone) for name in kind.NETWORKS]
+    return kind(*networks, on_nonfinite=config.on_nonfinite, **options)
+
+
 def _steps_of_all_workers(strategy, step):
     """Every worker's `step`, gathered with a collective (multi-worker runs)."""
     import tensorflow as tf
@@ -1032,13 +1159,18 @@ def per_variable_agreement_logger(gal, path):
     return keras.callbacks.LambdaCallback(on_epoch_end=write)
 
 
+# GAL's networks; a peer's are its `NETWORKS`, plus `joint` for two.
 NETWORKS = ("twin_a", "twin_b", "joint", "student")
+# Every network name a summary may hold, in the order tables show them.
+ALL_NETWORKS = ("twin_a", "twin_b", "net", "net1", "net2", "joint", "student")
 # How the summary names each reported network.
 EXPORTED_NAMES = {
     "student": "θC",
     "twin_a": "θA",
     "twin_b": "θB",
-    "joint": "θA+θB joint prediction",
+    "joint": "joint prediction",
+    "net": "the CE network",
+    "net1": "net 1",
 }
 # History keys of the noisy held-out split (`--noisy_validation_split`).
 HELDOUT_PREFIX = "heldout_"
@@ -1049,7 +1181,10 @@ LAST_EPOCHS = 10
 def reported_network(config):
     """The network whose accuracy is the run's result: θC for GAL (Tables 1–3),
     θA for cross entropy (warm-up for every epoch, no θC), and the twins' joint
-    prediction for twin-level ablations without θC (Table 4, Figure 4)."""
+    prediction for twin-level ablations without θC (Table 4, Figure 4); a peer
+    method's `REPORTED` network (net 1 of two, CE's one)."""
+    if config.method != "gal":
+        return "net" if config.method == "ce" else "net1"
     if config.warmup_epochs >= config.epochs and not config.train_student:
         return "twin_a"
     return "student" if config.train_student else "joint"
@@ -1075,8 +1210,8 @@ def summarise(history, warmup_epochs, reported="student"):
     protocol, Table 3).
     """
     summary = {}
-    prefix = "test_" if "test_student_accuracy" in history else "val_"
-    for net in NETWORKS:
+    prefix = "test_" if any(k.startswith("test_") for k in history) else "val_"
+    for net in (n for n in ALL_NETWORKS if f"{prefix}{n}_accuracy" in history):
         accuracies = [100.0 * a for a in history[f"{prefix}{net}_accuracy"]]
         best, last = max(accuracies), accuracies[-1]
         recent = accuracies[-LAST_EPOCHS:]
@@ -1100,17 +1235,17 @@ def summarise(history, warmup_epochs, reported="student"):
             "test_accuracy": summary[reported]["selected"],
         }
     if prefix == "test_":
-        validation = history["val_student_accuracy"]
+        validation = history[f"val_{reported}_accuracy"]
         epoch = _peak_epoch(validation)
         summary["model_selection"] = {
-            "monitor": "val_student_accuracy",
+            "monitor": f"val_{reported}_accuracy",
             "epoch": epoch + 1,
             "validation_accuracy": 100.0 * validation[epoch],
-            "test_accuracy": 100.0 * history["test_student_accuracy"][epoch],
+            "test_accuracy": 100.0 * history[f"test_{reported}_accuracy"][epoch],
         }
     phase2 = slice(warmup_epochs, None)
     for key in ("agreement_ratio", "agreement_param_ratio"):
-        values = history[key][phase2]
+        values = history.get(key, [])[phase2]
         summary[f"mean_{key}"] = float(sum(values) / len(values)) if values else None
     return summary
 
@@ -1125,10 +1260,11 @@ def _peak_epoch(values):
 
 def format_summary(summary):
     """The summary as a small table for the terminal."""
-    with_selected = "selected" in summary[NETWORKS[0]]
+    networks = [n for n in ALL_NETWORKS if n in summary]
+    with_selected = "selected" in summary[networks[0]]
     header = f"{'network':<10}{'best*':>8}{'last':>8}{'last10':>8}{'best-last':>11}"
     lines = [header + (f"{'selected':>10}" if with_selected else "")]
-    for net in NETWORKS:
+    for net in networks:
         s = summary[net]
         # Summaries written before `last10` existed have none.
         last10 = f"{s['last10']:>8.2f}" if "last10" in s else f"{'n/a':>8}"
@@ -1157,8 +1293,8 @@ def format_summary(summary):
     selection = summary.get("model_selection")
     if selection:
         lines.append(
-            f"θC test accuracy at the best validation epoch ({selection['epoch']}): "
-            f"{selection['test_accuracy']:.2f}"
+            f"{summary['reported_network']} test accuracy at the best validation "
+            f"epoch ({selection['epoch']}): {selection['test_accuracy']:.2f}"
         )
     ratio = summary["mean_agreement_ratio"]
     param = summary["mean_agreement_param_ratio"]
@@ -1229,6 +1365,11 @@ def define_flags(flag_values=None):
     flag_values = FLAGS if flag_values is None else flag_values
     define = _Definer(flag_values)
     d = _DEFAULTS
+    define.string(
+        "method",
+        d["method"],
+        f"One of {METHODS}: GAL, or a peer in the same harness (docs/methods.md).",
+    )
     define.string("dataset", d["dataset"], "Dataset: `digits` or `npz:PATH`.")
     define.string("data_dir", d["data_dir"], "Where datasets are stored.")
     define.string("noise_type", d["noise_type"], f"One of {NOISE_TYPES}.")
@@ -1354,6 +1495,38 @@ def define_flags(flag_values=None):
         d["new_run"],
         "If --model_dir already holds a run, start a new one in a new directory "
         "(<model_dir>-<time>) instead of resuming or reporting it.",
+    )
+    define.float(
+        "forget_rate",
+        d["forget_rate"],
+        "coteaching, coteaching_plus, jocor: the forget rate τ_f in [0, 1) "
+        "(default: the synthetic noise rate, halved for asym; required for real "
+        "noise).",
+    )
+    define.integer(
+        "num_gradual", d["num_gradual"], "Epochs T_k of the forget-rate ramp."
+    )
+    define.float(
+        "forget_exponent", d["forget_exponent"], "Exponent c of the ramp's end τ_f^c."
+    )
+    define.float("co_lambda", d["co_lambda"], "jocor: the co-regularisation λ.")
+    define.integer(
+        "init_epoch",
+        d["init_epoch"],
+        "coteaching_plus: the first epoch of disagreement (official: 20 for "
+        "CIFAR-10, 5 for CIFAR-100).",
+    )
+    define.bool(
+        "divide_twice",
+        d["divide_twice"],
+        "coteaching, coteaching_plus: divide the loss by the number kept twice, "
+        "as the official code does.",
+    )
+    define.bool(
+        "softmax_twice",
+        d["softmax_twice"],
+        "coteaching_plus: cross entropy of the probabilities after init_epoch, as "
+        "the official code does.",
     )
     define.bool(
         "dry_run",

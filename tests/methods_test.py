@@ -169,3 +169,94 @@ def test_joint_classifier_is_the_mean_of_the_two_softmaxes():
     joint = tf.nn.softmax(method.classifier("joint")(images)).numpy()
     np.testing.assert_allclose(joint, (p1 + p2) / 2, atol=1e-6)
     assert method.classifier() is method.net1
+
+
+# ------------------------------------------------------------ in the harness
+def _peer_config(tmp_path, method, **overrides):
+    from conftest import tiny_run_config
+
+    # warmup_epochs is GAL's flag: the others take its default.
+    values = dict(method=method, warmup_epochs=12, batch_size=128)
+    return tiny_run_config(tmp_path, "digits", **{**values, **overrides})
+
+
+def test_ce_is_gals_theta_a_alone_at_one_networks_cost(tmp_path):
+    from conftest import tiny_run_config
+
+    from galkeras import train
+
+    ce = train.run(_peer_config(tmp_path / "ce", "ce"))
+    gal_ce = train.run(
+        tiny_run_config(
+            tmp_path / "gal",
+            "digits",
+            warmup_epochs=2,
+            train_student=False,
+            batch_size=128,
+        )
+    )
+    # The same initial weights, stream, loss and optimizer: the same network.
+    history = {
+        name: json_lines(tmp_path / name / "run" / "history.csv")
+        for name in ("ce", "gal")
+    }
+    assert history["ce"]["val_net_accuracy"] == history["gal"]["val_twin_a_accuracy"]
+    assert ce["net"]["last"] == gal_ce["twin_a"]["last"]
+    # Nothing else is trained, evaluated or exported.
+    assert set(ce) & {"twin_a", "twin_b", "joint", "student"} == set()
+    assert ce["reported_network"] == "net" and ce["keras_path"].endswith("net.keras")
+
+
+def json_lines(path):
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def test_each_peer_serves_the_network_its_summary_reports(tmp_path):
+    from galkeras import train
+    from galkeras.datasets import load_dataset
+
+    data = load_dataset("digits")
+    for method in ("coteaching", "coteaching_plus", "jocor"):
+        extra = {"init_epoch": 0} if method == "coteaching_plus" else {}
+        summary = train.run(_peer_config(tmp_path / method, method, epochs=1, **extra))
+        served = tf.saved_model.load(summary["export_path"]).signatures[
+            "serving_default"
+        ]
+        class_id = served(image=tf.constant(data.x_test))["class_id"].numpy()
+        accuracy = 100 * np.mean(class_id == data.y_test)
+        assert summary["reported_network"] == "net1"
+        assert accuracy == pytest.approx(summary["net1"]["last"], abs=1e-3), method
+
+
+def test_flags_of_other_methods_and_bad_forget_rates_are_refused():
+    from galkeras import train
+
+    def problems(**values):
+        return train.config_problems(train.TrainConfig(**values))
+
+    assert problems(method="jocor", tau=0.5) == [
+        "--tau does not apply to --method=jocor (only to gal); remove it."
+    ]
+    assert problems(method="gal", co_lambda=0.5) == [
+        "--co_lambda does not apply to --method=gal (only to jocor); remove it."
+    ]
+    assert "(only to coteaching_plus)" in problems(method="ce", init_epoch=3)[0]
+    (problem,) = problems(method="sgd")
+    assert problem.startswith("--method='sgd' is unknown; choose one of")
+    assert problems(method="coteaching", forget_rate=1.0) == [
+        "--forget_rate=1.0 must be in [0, 1)."
+    ]
+    (problem,) = problems(method="jocor", dataset="cifar10n", noise_type="worse")
+    assert "pass --forget_rate" in problem
+    assert not problems(
+        method="jocor", dataset="cifar10n", noise_type="worse", forget_rate=0.4
+    )
+    # The default forget rate: the noise rate, halved for asym.
+    rate = train.method_forget_rate
+    assert rate(train.TrainConfig(noise_type="sym", noise_rate=0.5)) == 0.5
+    assert rate(train.TrainConfig(noise_type="asym", noise_rate=0.4)) == 0.2
+    assert rate(train.TrainConfig(noise_type="none", noise_rate=0.4)) == 0.0

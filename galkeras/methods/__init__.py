@@ -9,7 +9,7 @@ Each method is one `keras.Model` subclass over `NoisyLabelMethod`:
 GAL itself is `galkeras.GAL`.
 """
 
-from galkeras.methods.base import NoisyLabelMethod, NonFiniteStep
+from galkeras.methods.base import NoisyLabelMethod
 from galkeras.methods.ce import CE
 from galkeras.methods.coteaching import CoTeaching
 from galkeras.methods.coteaching_plus import CoTeachingPlus
@@ -21,5 +21,4 @@ __all__ = [
     "CoTeachingPlus",
     "JoCoR",
     "NoisyLabelMethod",
-    "NonFiniteStep",
 ]

@@ -33,10 +33,6 @@ ON_NONFINITE = ("stop", "skip_step")
 JOINT = "joint"
 
 
-class NonFiniteStep(FloatingPointError):
-    """A step of `method` had a non-finite loss or gradient (`on_nonfinite=stop`)."""
-
-
 class NoisyLabelMethod(keras.Model):
     """Base of the peer methods: networks, optimizers, the stream and the step.
 
@@ -103,6 +99,11 @@ class NoisyLabelMethod(keras.Model):
             aggregation="only_first_replica",
             name=name,
         )
+
+    @property
+    def global_step(self):
+        """The run step as a Python int (what checkpoints and logs are keyed by)."""
+        return int(self.run_step.numpy())
 
     @property
     def networks(self):
@@ -455,8 +456,8 @@ def training_set_of(x, y, batch_size, method, fit_kwargs):
 
 
 class _StopOnNonFinite(keras.callbacks.Callback):
-    """Raises `NonFiniteStep` right after a step with a non-finite loss or
-    gradient, when the method's `on_nonfinite` is `stop`."""
+    """Raises `galkeras.model.NonFiniteError` right after a step with a
+    non-finite loss or gradient, when the method's `on_nonfinite` is `stop`."""
 
     def __init__(self, method):
         super().__init__()
@@ -471,12 +472,18 @@ class _StopOnNonFinite(keras.callbacks.Callback):
             return
         count = int(self._method.nonfinite_steps.numpy())
         if count > self._seen:
-            bits = int(self._method.nonfinite_networks.numpy())
-            names = [n for i, n in enumerate(self._method.NETWORKS) if bits >> i & 1]
-            raise NonFiniteStep(
-                f"Step {int(self._method.run_step.numpy())} of "
-                f"{type(self._method).__name__} had a non-finite loss or gradient "
-                f"in {', '.join(names)}; --on_nonfinite=skip_step skips such steps."
+            from galkeras.model import NonFiniteError
+
+            method = self._method
+            bits = int(method.nonfinite_networks.numpy())
+            steps = int(method.steps_per_epoch.numpy())
+            step = method.global_step
+            raise NonFiniteError(
+                epoch=(step - 1) // steps + 1,
+                step=(step - 1) % steps + 1,
+                steps_per_epoch=steps,
+                global_step=step,
+                networks=[n for i, n in enumerate(method.NETWORKS) if bits >> i & 1],
             )
 
 
