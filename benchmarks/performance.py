@@ -18,7 +18,7 @@ machine and on whatever else runs on it.
    - `ce`: `GAL` in phase "warmup" with `train_student=False` (θA's CE step, the
      `_warmup_step` path: how galkeras trains its CE baseline);
    - `gal_warmup`: GAL's own warm-up step, phase "warmup" with θC (θA's CE step
-     plus θC's step: galkeras trains θC from the first epoch, GAL_SPEC.md);
+     plus θC's step: galkeras trains θC from the first epoch, docs/methods.md);
    - `twins`: phase "agreement", `train_student=False` (both twins, Eq. 4-5
      cosine, gates, `skip` update);
    - `twins_all`: the same with `update_rule="all"` (the cosine and its logging

@@ -626,7 +626,8 @@ class GAL(keras.Model):
 
     # ------------------------------------------------------------- test step
     def _twin_probabilities(self, images):
-        """`(softmax θA, softmax θB)`; before the split θB is θA (spec)."""
+        """`(softmax θA, softmax θB)`; before the split θB is θA (it does not train
+        during warm-up), so its forward pass is skipped."""
         p_a = tf.nn.softmax(tf.cast(self.twin_a(images, training=False), tf.float32))
         # During warm-up θB is untrained and stands for θA: skip its forward pass.
         p_b = tf.cond(

@@ -87,7 +87,8 @@ class TrainingSet:
 
     @property
     def steps_per_epoch(self):
-        """⌈N / batch_size⌉: a GAL epoch has as many steps as a CE epoch (spec)."""
+        """⌈N / batch_size⌉: a GAL epoch has as many steps as a CE epoch, so
+        epoch-based schedules mean the same thing for both."""
         return -(-self.num_examples // self.batch_size)
 
 

@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 # Two logical CPUs make multi-replica tests possible without a GPU; this must run
-# before any other TensorFlow call (KERAS_TF_NOTES.md).
+# before any other TensorFlow call: once TensorFlow has set up its devices, it
+# raises RuntimeError instead.
 _cpus = tf.config.list_physical_devices("CPU")
 try:
     tf.config.set_logical_device_configuration(

@@ -45,8 +45,8 @@ def test_bfloat16_trains_with_float32_agreement(policy):
 
 
 def _snapshot(gal):
-    # Trainable weights and optimizer slots; BatchNorm's moving statistics update
-    # in the forward pass whatever the gradients do (spec).
+    # Trainable weights and optimizer slots only: BatchNorm's moving statistics
+    # update in the forward pass whatever the gradients do, skipped step or not.
     nets = [
         v.numpy().copy()
         for n in (gal.twin_a, gal.twin_b)
