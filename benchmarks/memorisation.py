@@ -134,17 +134,24 @@ QUICK_REGIMES = {
 QUICK_METHODS = ("ce", "stop", "gal_element", "random_element")
 
 
+# GAL's peers, each trained as `--method=<name>` under the same regime.
+PEERS = ("coteaching", "coteaching_plus", "jocor")
+
+
 def methods_for(sweep_granularity):
     """Every method name, in the order they run (a random control after its gate)."""
     names = ["ce", "all", "stop"]
     for g in GRANULARITIES:
         names += [f"gal_{g}", f"random_{g}"]
     names += [f"tau{round(t * 10):02d}_{sweep_granularity}" for t in SWEEP_TAUS]
-    return names
+    return names + list(PEERS)
 
 
 def reported(method):
-    """The network each method reports: θC where a student is trained."""
+    """The network each method reports: θC where a student is trained, θA for
+    `ce`, and net 1 for a peer."""
+    if method in PEERS:
+        return "net1"
     return "twin_a" if method == "ce" else "student"
 
 
@@ -155,6 +162,13 @@ def method_flags(method, runs_of_setting):
     to their summaries (the random controls take p from their gate's run)."""
     if method == "ce":
         return {"warmup_epochs": None, "train_student": False}
+    if method in PEERS:
+        # Their own defaults: forget rate = the noise rate, T_k = 10; Co-teaching+
+        # disagrees from the first drop on, where GAL's agreement starts.
+        values = {"method": method, "warmup_epochs": DROP}
+        if method == "coteaching_plus":
+            values["init_epoch"] = runs_of_setting.get("init_epoch", INIT_EPOCH)
+        return values
     if method == "all":
         return {"update_rule": "all"}
     if method == "stop":
@@ -172,6 +186,11 @@ def method_flags(method, runs_of_setting):
     if kind.startswith("tau"):
         return {"agreement_granularity": granularity, "tau": int(kind[3:]) / 10}
     raise ValueError(f"unknown method {method!r}")
+
+
+# A flag a method does not take (GAL's warm-up for a peer).
+DROP = object()
+INIT_EPOCH = None  # set per regime: its warm-up epochs
 
 
 def make_subset(npz_path, regime, out_path):
@@ -290,9 +309,12 @@ def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
             values = shared_flags(
                 regime, job.noise, job.seed, f"npz:{subsets[job.regime]}"
             )
+            if job.method == "coteaching_plus":
+                finished = {**finished, "init_epoch": regime.warmup_epochs}
             values.update(method_flags(job.method, finished))
             if values.get("warmup_epochs", 0) is None:
                 values["warmup_epochs"] = regime.epochs
+            values = {k: v for k, v in values.items() if v is not DROP}
             values["model_dir"] = os.path.join(job.run_dir, "run")
             values["export_dir"] = os.path.join(job.run_dir, "export")
             flagfile = os.path.join(job.run_dir, "run.flags")
@@ -368,8 +390,13 @@ def collect(jobs):
         with open(os.path.join(job.run_dir, "run", "config.json")) as f:
             config = json.load(f)
         summary["updated_param_share"] = updated_share(summary, config)
-        per_variable = _read_history(
-            os.path.join(job.run_dir, "run", "agreement_per_variable.csv")
+        per_variable_csv = os.path.join(
+            job.run_dir, "run", "agreement_per_variable.csv"
+        )
+        per_variable = (
+            _read_history(per_variable_csv)
+            if os.path.exists(per_variable_csv)
+            else {"epoch": []}
         )
         phase2 = [
             i
@@ -388,7 +415,9 @@ def collect(jobs):
 def updated_share(summary, config):
     """The share of the twins' scalar parameters updated per phase-2 step: the
     τ-gate's open share under `agreement`, p under `random` (in expectation), and
-    all of them under `all`. None for CE, which has no phase 2."""
+    all of them under `all`. None for CE, which has no phase 2, and the peers."""
+    if config.get("method", "gal") != "gal":
+        return None
     if config["warmup_epochs"] >= config["epochs"]:
         return None
     if config["update_rule"] == "all":

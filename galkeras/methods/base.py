@@ -244,10 +244,17 @@ class NoisyLabelMethod(keras.Model):
             faults, self.NETWORKS, self.nonfinite_steps, self.nonfinite_networks
         )
         finite = self.loss_scale.check([g for gs in grads.values() for g in gs])
-        verdicts = [v for v in (update, step_ok if skip else None) if v is not None]
-        verdict = tf.reduce_all(tf.stack(verdicts)) if verdicts else None
         for (name, net), gated in zip(networks.items(), self._updates):
-            gated.apply(grads[name], step_ok=verdict, finite=finite)
+            # A step the method leaves out (`update` False) closes every gate:
+            # weights and slots stay, but the iteration counter, and with it
+            # the learning-rate schedule, keeps the epoch's clock. A skipped
+            # non-finite step holds the counter back too.
+            gated.apply(
+                grads[name],
+                gates=None if update is None else [update] * len(grads[name]),
+                step_ok=step_ok if skip else None,
+                finite=finite,
+            )
         if skip:
             for variable, old in saved:
                 variable.assign(tf.where(step_ok, variable.read_value(), old))
