@@ -260,3 +260,41 @@ def test_flags_of_other_methods_and_bad_forget_rates_are_refused():
     assert rate(train.TrainConfig(noise_type="sym", noise_rate=0.5)) == 0.5
     assert rate(train.TrainConfig(noise_type="asym", noise_rate=0.4)) == 0.2
     assert rate(train.TrainConfig(noise_type="none", noise_rate=0.4)) == 0.0
+
+
+def test_a_peer_run_stopped_mid_epoch_resumes_to_the_same_weights(
+    tmp_path, monkeypatch
+):
+    from galkeras import checkpointing, train
+
+    def final_state(run_dir):
+        reader = tf.train.load_checkpoint(str(run_dir / "run" / "checkpoints"))
+        return {
+            name: reader.get_tensor(name)
+            for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+        }
+
+    options = dict(epochs=2, init_epoch=1, checkpoint_every_steps=3, batch_size=256)
+    straight = train.run(_peer_config(tmp_path / "a", "coteaching_plus", **options))
+    stopped = _peer_config(tmp_path / "b", "coteaching_plus", **options)
+    real = checkpointing.CheckpointCallback.on_train_batch_end
+
+    def stop_at_step_5(self, batch, logs=None):
+        real(self, batch, logs)
+        if self.gal.global_step == 5:  # mid-epoch 1, after ckpt-3
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            checkpointing.CheckpointCallback, "on_train_batch_end", stop_at_step_5
+        )
+        with pytest.raises(KeyboardInterrupt):
+            train.run(stopped)
+    resumed = train.run(stopped)
+    assert resumed["resumed_from_step"] == 3
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) > 20
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert resumed["net1"] == straight["net1"]
