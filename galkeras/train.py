@@ -17,8 +17,32 @@ import time
 
 from absl import app, flags, logging
 
-from galkeras import noise
+from galkeras import noise, run_directory
 from galkeras.datasets.cifar import REAL_NOISE_TYPES
+from galkeras.run_directory import (  # noqa: F401  (re-exported)
+    LOCK_FILE,
+    RunFinished,
+    foreign_directory_problems,
+    resume_command,
+    unused_directory,
+    write_run_record,
+)
+from galkeras.strategy import (  # noqa: F401  (re-exported)
+    is_chief,
+    make_strategy,
+    steps_of_all_workers,
+    tf_config_is_chief,
+    tf_config_problem,
+)
+from galkeras.summary import (  # noqa: F401  (re-exported)
+    ALL_NETWORKS,
+    EXPORTED_NAMES,
+    HELDOUT_PREFIX,
+    LAST_EPOCHS,
+    NETWORKS,
+    format_summary,
+    summarise,
+)
 
 _DEFAULTS = dict(
     method="gal",
@@ -90,7 +114,6 @@ AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
-LOCK_FILE = ".galkeras.lock"  # checkpointing.LOCK_FILE
 ON_NONFINITE = ("stop", "skip_step")
 # The methods, and the flags only some of them read; any other method refuses
 # them (a silently ignored flag is a wrong experiment).
@@ -402,24 +425,6 @@ def dataset_flag_problems(config):
     ]
 
 
-def foreign_directory_problems(directory):
-    """A refusal when `directory` holds files that are not a galkeras run's:
-    galkeras never writes among them, with or without --new_run."""
-    if not directory or not os.path.isdir(directory):
-        return []
-    # Only a lock: another process has just started this run (the lock says so),
-    # or a run that stopped before it wrote its record.
-    if not set(os.listdir(directory)) - {LOCK_FILE, "config.json.partial"}:
-        return []
-    if os.path.isfile(os.path.join(directory, "config.json")):
-        return []
-    return [
-        f"--model_dir={directory} holds files but no galkeras run "
-        "(config.json); galkeras never writes among them. Choose another "
-        "--model_dir (a new or empty directory)."
-    ]
-
-
 def resume_problems(config):
     """Why `config.model_dir` cannot be resumed with `config` (empty when it can,
     or when it holds no run yet)."""
@@ -451,25 +456,6 @@ def resume_problems(config):
         + "\nRe-run with the original flags to resume it, or add --new_run to "
         "start a new run in a new directory."
     ]
-
-
-class RunFinished(Exception):
-    """`model_dir` holds a run that finished; `summary` is its summary."""
-
-    def __init__(self, model_dir, summary):
-        self.model_dir, self.summary = model_dir, summary
-        super().__init__(
-            f"The run in {model_dir} already finished (summary.json); nothing to "
-            "do. Add --new_run to train a new run in a new directory."
-        )
-
-
-def _refuse_finished(model_dir):
-    """Raises `RunFinished` if `model_dir` holds a finished run's summary."""
-    summary_path = os.path.join(model_dir, "summary.json")
-    if os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            raise RunFinished(model_dir, json.load(f))
 
 
 def run_name(config, dataset_name):
@@ -515,7 +501,7 @@ def run(config):
         tf.config.experimental.enable_op_determinism()
     try:
         *prepared, lock = _prepare(config, is_chief(strategy))
-    except RunFinished as finished:
+    except run_directory.RunFinished as finished:
         return {**finished.summary, "already_finished": str(finished)}
     except (ValueError, RunInUse) as error:  # includes DatasetError
         raise ConfigError(str(error)) from error
@@ -538,77 +524,6 @@ def run(config):
     if scratch:  # removed: a worker's run is the chief's, in --model_dir
         summary["model_dir"] = None if config.dry_run else config.model_dir or None
     return summary
-
-
-def tf_config_problem(text):
-    """What is wrong with a `TF_CONFIG` value for multi-worker training, or None."""
-    if not text:
-        return (
-            "TF_CONFIG is not set; set it on every host to "
-            '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
-            '"task": {"type": "worker", "index": I}} (see README, "Scaling out").'
-        )
-    try:
-        value = json.loads(text)
-        workers = value["cluster"].get("worker", []) + value["cluster"].get("chief", [])
-        task = value["task"]
-        task["type"], int(task["index"])
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        return f"TF_CONFIG is not valid JSON with cluster and task ({error})."
-    if not workers:
-        return "TF_CONFIG's cluster lists no worker."
-    tasks = value["cluster"].get(task["type"])
-    if not isinstance(tasks, list) or not 0 <= int(task["index"]) < len(tasks):
-        listed = len(tasks) if isinstance(tasks, list) else 0
-        return (
-            f"TF_CONFIG's task is {task['type']} {task['index']}, but its cluster "
-            f"lists {listed} {task['type']} task(s); the index must be in "
-            f"[0, {listed})."
-        )
-    return None
-
-
-def make_strategy(kind):
-    """The `tf.distribute` strategy `--strategy` names.
-
-    - `auto`: `MirroredStrategy` over all GPUs when more than one is visible,
-      else the default (one device).
-    - `one_device`: the first GPU, or the CPU.
-    - `mirrored`: `MirroredStrategy` over all GPUs (the CPU without GPUs).
-    - `multi_worker`: `MultiWorkerMirroredStrategy`, its cluster from `TF_CONFIG`.
-    """
-    import tensorflow as tf
-
-    if kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        )
-    gpus = tf.config.list_logical_devices("GPU")
-    if kind == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    if kind == "mirrored" or len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def is_chief(strategy):
-    """Whether this process writes the run's artefacts (checkpoints, logs,
-    `summary.json`, the export): always, except on the non-chief workers of a
-    multi-worker run."""
-    if not strategy.extended._in_multi_worker_mode():
-        return True
-    return tf_config_is_chief(os.environ.get("TF_CONFIG"))
-
-
-def tf_config_is_chief(text):
-    """Whether `TF_CONFIG` makes this task the chief: the `chief` task, or worker
-    0 of a cluster without one (TensorFlow's convention)."""
-    value = json.loads(text)
-    task = value["task"]
-    if task["type"] == "chief":
-        return True
-    has_chief = bool(value["cluster"].get("chief"))
-    return task["type"] == "worker" and int(task["index"]) == 0 and not has_chief
 
 
 def dry_run_config(config):
@@ -675,83 +590,26 @@ def _prepare(config, chief=True):
     export_dir = config.export_dir or os.path.join("saved_models", name)
     lock = None
     if not chief and not config.dry_run and config.model_dir:
-        _refuse_finished(config.model_dir)  # the chief's, on the shared --model_dir
+        run_directory.refuse_finished(
+            config.model_dir
+        )  # the chief's, on the shared --model_dir
     if config.dry_run or not chief:  # writes nothing where a real run would
         kind = "dry-run" if config.dry_run else "worker"
         model_dir = tempfile.mkdtemp(prefix=f"galkeras-{kind}-{name}-")
         export_dir = None
     else:
         if not config.model_dir:
-            model_dir = unused_directory(model_dir)
-        elif config.new_run and _holds_a_run(model_dir):
-            model_dir = unused_directory(f"{model_dir.rstrip(os.sep)}-{stamp}")
+            model_dir = run_directory.unused_directory(model_dir)
+        elif config.new_run and run_directory.holds_a_run(model_dir):
+            model_dir = run_directory.unused_directory(
+                f"{model_dir.rstrip(os.sep)}-{stamp}"
+            )
             logging.warning("--new_run: this run goes to %s.", model_dir)
-        _refuse_finished(model_dir)
+        run_directory.refuse_finished(model_dir)
         checkpointing.check_writable(model_dir, "--model_dir")
         export.check_export_base(export_dir)
         lock = checkpointing.RunLock(model_dir).acquire()
     return data, noisy, clean, split, noise_rate_actual, model_dir, export_dir, lock
-
-
-def _holds_a_run(directory):
-    """Whether `directory` holds a galkeras run (its `config.json`)."""
-    return os.path.isfile(os.path.join(directory, "config.json"))
-
-
-def unused_directory(path):
-    """`path`, or `path-2`, `path-3`, ... : the first that does not exist yet (two
-    runs started within the same second would otherwise share a directory)."""
-    candidate, n = path, 1
-    while os.path.exists(candidate):
-        n += 1
-        candidate = f"{path}-{n}"
-    return candidate
-
-
-def write_run_record(model_dir, config, noisy, clean, heldout_ids):
-    """Writes a new run's `config.json` and `labels.npz`, kept for resumes.
-
-    Called when everything that can fail on a flag's value has been built, so a
-    run that fails to start leaves no record that would refuse a corrected retry
-    as "started with other flags". `config.json` comes first, since it marks
-    the directory as a galkeras run (whose files galkeras may then write);
-    each file appears whole or not at all, and a missing one is written again.
-    """
-    import numpy as np
-
-    record = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(record):
-        with open(record + ".partial", "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
-        os.replace(record + ".partial", record)
-    labels = os.path.join(model_dir, "labels.npz")
-    if os.path.isfile(labels):
-        # A run that stopped before its first checkpoint has only this record
-        # of the data it started on.
-        with np.load(labels) as record:
-            before = record["noisy_labels"]
-        cause = (
-            f"{len(before)} examples when the run started, now {len(noisy)}"
-            if before.shape != noisy.shape
-            else f"other noisy labels for {int(np.sum(before != noisy))} of them"
-            if not np.array_equal(before, noisy)
-            else None
-        )
-        if cause:
-            raise ConfigError(
-                f"Cannot resume the run in {model_dir}: the training set changed "
-                f"since the run started ({cause}; {labels}). Put the original data "
-                "back to resume, or start a new run (--new_run)."
-            )
-    else:
-        with open(labels + ".partial", "wb") as f:
-            np.savez(
-                f,
-                noisy_labels=noisy,
-                **({"clean_labels": clean} if clean is not None else {}),
-                **({"heldout_ids": heldout_ids} if len(heldout_ids) else {}),
-            )
-        os.replace(labels + ".partial", labels)
 
 
 def heldout_split(config, data, noisy):
@@ -917,7 +775,10 @@ def _fit_and_write(
         )
         if config.method == "gal":
             gal.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
-    write_run_record(model_dir, config, noisy, clean, heldout_ids)
+    try:
+        run_directory.write_run_record(model_dir, config, noisy, clean, heldout_ids)
+    except run_directory.RunRecordMismatch as error:
+        raise ConfigError(str(error)) from error
     run_checkpoint = checkpointing.RunCheckpoint(
         gal,
         os.path.join(model_dir, checkpointing.CHECKPOINT_DIR),
@@ -936,7 +797,7 @@ def _fit_and_write(
     except checkpointing.CheckpointMismatch as error:  # e.g. TrainingSetChanged
         raise ConfigError(str(error)) from error
     if strategy.extended._in_multi_worker_mode():
-        starts = _steps_of_all_workers(strategy, start_step)
+        starts = steps_of_all_workers(strategy, start_step)
         if len(set(starts)) > 1:
             raise ConfigError(
                 f"The workers resumed from different steps {starts}: every worker "
@@ -1125,18 +986,6 @@ def build_method(config, make):
     return kind(*networks, on_nonfinite=config.on_nonfinite, **options)
 
 
-def _steps_of_all_workers(strategy, step):
-    """Every worker's `step`, gathered with a collective (multi-worker runs)."""
-    import tensorflow as tf
-
-    @tf.function
-    def gather():
-        local = strategy.run(lambda: tf.constant([step], tf.int64))
-        return strategy.gather(local, axis=0)
-
-    return [int(s) for s in gather().numpy()]
-
-
 def per_variable_agreement_logger(gal, path):
     """A callback writing, per epoch, each twin variable's mean share of open
     gates over the epoch's steps: one CSV row per epoch, one column per variable of
@@ -1159,25 +1008,6 @@ def per_variable_agreement_logger(gal, path):
     return keras.callbacks.LambdaCallback(on_epoch_end=write)
 
 
-# GAL's networks; a peer's are its `NETWORKS`, plus `joint` for two.
-NETWORKS = ("twin_a", "twin_b", "joint", "student")
-# Every network name a summary may hold, in the order tables show them.
-ALL_NETWORKS = ("twin_a", "twin_b", "net", "net1", "net2", "joint", "student")
-# How the summary names each reported network.
-EXPORTED_NAMES = {
-    "student": "θC",
-    "twin_a": "θA",
-    "twin_b": "θB",
-    "joint": "joint prediction",
-    "net": "the CE network",
-    "net1": "net 1",
-}
-# History keys of the noisy held-out split (`--noisy_validation_split`).
-HELDOUT_PREFIX = "heldout_"
-# `last10`: the mean test accuracy over this many last epochs.
-LAST_EPOCHS = 10
-
-
 def reported_network(config):
     """The network whose accuracy is the run's result: θC for GAL (Tables 1–3),
     θA for cross entropy (warm-up for every epoch, no θC), and the twins' joint
@@ -1188,135 +1018,6 @@ def reported_network(config):
     if config.warmup_epochs >= config.epochs and not config.train_student:
         return "twin_a"
     return "student" if config.train_student else "joint"
-
-
-def summarise(history, warmup_epochs, reported="student"):
-    """Test accuracy (percent) of each network under the evaluation protocols, and
-    the mean agreement ratios over the agreement phase.
-
-    Per network (Table 1 layout):
-    - `best`: at the epoch of best *test* accuracy, so selected on the test set
-      (the paper's number; no practitioner can choose an epoch that way);
-    - `last`: at the last epoch; `best_minus_last`;
-    - `last10`: the mean over the last `LAST_EPOCHS` epochs (all, when fewer);
-    - with a noisy held-out split (`heldout_*` keys): `selected`, at the epoch
-      where that network's accuracy on the held-out noisy labels peaks (the
-      first such epoch), and `selected_epoch` (1-based). `selection` records the
-      epoch of the `reported` network, whose `selected` is the run's result.
-
-    With a clean validation split (`test_*` keys beside `val_*`), the test
-    accuracies are the `test_*` ones, and `model_selection` gives θC's test
-    accuracy at the epoch of its best validation accuracy (Clothing1M's
-    protocol, Table 3).
-    """
-    summary = {}
-    prefix = "test_" if any(k.startswith("test_") for k in history) else "val_"
-    for net in (n for n in ALL_NETWORKS if f"{prefix}{n}_accuracy" in history):
-        accuracies = [100.0 * a for a in history[f"{prefix}{net}_accuracy"]]
-        best, last = max(accuracies), accuracies[-1]
-        recent = accuracies[-LAST_EPOCHS:]
-        summary[net] = {
-            "best": best,
-            "last": last,
-            "best_minus_last": best - last,
-            "last10": sum(recent) / len(recent),
-        }
-        heldout = history.get(f"{HELDOUT_PREFIX}{net}_accuracy")
-        if heldout:
-            epoch = _peak_epoch(heldout)
-            summary[net].update(selected=accuracies[epoch], selected_epoch=epoch + 1)
-    heldout = history.get(f"{HELDOUT_PREFIX}{reported}_accuracy")
-    if heldout:
-        epoch = _peak_epoch(heldout)
-        summary["selection"] = {
-            "monitor": f"{HELDOUT_PREFIX}{reported}_accuracy",
-            "epoch": epoch + 1,
-            "heldout_accuracy": 100.0 * heldout[epoch],
-            "test_accuracy": summary[reported]["selected"],
-        }
-    if prefix == "test_":
-        validation = history[f"val_{reported}_accuracy"]
-        epoch = _peak_epoch(validation)
-        summary["model_selection"] = {
-            "monitor": f"val_{reported}_accuracy",
-            "epoch": epoch + 1,
-            "validation_accuracy": 100.0 * validation[epoch],
-            "test_accuracy": 100.0 * history[f"test_{reported}_accuracy"][epoch],
-        }
-    phase2 = slice(warmup_epochs, None)
-    for key in ("agreement_ratio", "agreement_param_ratio"):
-        values = history.get(key, [])[phase2]
-        summary[f"mean_{key}"] = float(sum(values) / len(values)) if values else None
-    return summary
-
-
-def _peak_epoch(values):
-    """The 0-based index of the first maximum of `values`, NaN never chosen."""
-    return max(
-        range(len(values)),
-        key=lambda i: -math.inf if math.isnan(values[i]) else values[i],
-    )
-
-
-def format_summary(summary):
-    """The summary as a small table for the terminal."""
-    networks = [n for n in ALL_NETWORKS if n in summary]
-    with_selected = "selected" in summary[networks[0]]
-    header = f"{'network':<10}{'best*':>8}{'last':>8}{'last10':>8}{'best-last':>11}"
-    lines = [header + (f"{'selected':>10}" if with_selected else "")]
-    for net in networks:
-        s = summary[net]
-        # Summaries written before `last10` existed have none.
-        last10 = f"{s['last10']:>8.2f}" if "last10" in s else f"{'n/a':>8}"
-        line = f"{net:<10}{s['best']:>8.2f}{s['last']:>8.2f}{last10}"
-        line += f"{s['best_minus_last']:>11.2f}"
-        if with_selected:
-            line += f"{s['selected']:>10.2f}"
-        lines.append(line)
-    lines.append(
-        "* best is test-selected (the epoch of best test accuracy); last10: mean of "
-        f"the last {LAST_EPOCHS} epochs"
-        + (
-            "; selected: at the epoch of best noisy held-out accuracy"
-            if with_selected
-            else ""
-        )
-        + "."
-    )
-    selection = summary.get("selection")
-    if selection:
-        lines.append(
-            f"{summary['reported_network']} test accuracy at its best noisy "
-            f"held-out epoch ({selection['epoch']}): {selection['test_accuracy']:.2f} "
-            f"(held-out {selection['heldout_accuracy']:.2f})"
-        )
-    selection = summary.get("model_selection")
-    if selection:
-        lines.append(
-            f"{summary['reported_network']} test accuracy at the best validation "
-            f"epoch ({selection['epoch']}): {selection['test_accuracy']:.2f}"
-        )
-    ratio = summary["mean_agreement_ratio"]
-    param = summary["mean_agreement_param_ratio"]
-    actual = summary["noise_rate_actual"]
-    lines += [
-        f"noise rate (actual): {'n/a' if actual is None else f'{actual:.4f}'}",
-        "mean agreement ratio (phase 2): "
-        + (
-            "n/a"
-            if ratio is None
-            else f"{ratio:.3f} of variables, {param:.3f} of parameters"
-        ),
-        f"seconds per epoch: {summary['seconds_per_epoch']:.2f}",
-    ]
-    if summary.get("dry_run"):
-        return "\n".join(["dry run passed (stand-in data; nothing written):", *lines])
-    if summary.get("model_dir"):  # not on the non-chief workers of a cluster
-        lines.append(f"summary: {os.path.join(summary['model_dir'], 'summary.json')}")
-    if summary.get("export_path"):
-        exported = EXPORTED_NAMES.get(summary.get("reported_network"), "θC")
-        lines.append(f"exported {exported}: {summary['export_path']}")
-    return "\n".join(lines)
 
 
 def training_labels(data, config):
@@ -1664,25 +1365,12 @@ def main(argv):
     print(format_summary(summary))
 
 
-def resume_command(config, model_dir):
-    """The flags that resume the run in `model_dir`: None when the command that
-    started it does (it names that directory and has no --new_run); otherwise
-    `--model_dir=<model_dir>`, since re-running the same command would start
-    yet another run."""
-    same = config.model_dir and os.path.abspath(config.model_dir) == os.path.abspath(
-        model_dir
-    )
-    if same and not config.new_run:
-        return None
-    return f"--model_dir={model_dir}"
-
-
 def _with_resume(config, fault):
     """`fault`'s message, telling how to resume when the same command would not
     (it would start yet another new run)."""
     message = str(fault)
     model_dir = getattr(fault, "model_dir", None)
-    flag = model_dir and resume_command(config, model_dir)
+    flag = model_dir and run_directory.resume_command(config, model_dir)
     if not flag:
         return message
     instead = f"re-run with {flag}" + (

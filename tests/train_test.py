@@ -18,6 +18,7 @@ from galkeras import (
     checkpointing,
     model,
     noise,
+    run_directory,
     run_logging,
     sampling,
     train,
@@ -563,7 +564,9 @@ def test_changed_data_is_refused_before_the_first_checkpoint_too(tmp_path):
         (np.arange(8) % 3, "6 examples when the run started, now 8"),
         (np.roll(noisy, 1), "other noisy labels for 6 of them"),
     ]:
-        with pytest.raises(train.ConfigError, match="training set changed") as error:
+        with pytest.raises(
+            run_directory.RunRecordMismatch, match="training set changed"
+        ) as error:
             train.write_run_record(str(tmp_path / "run"), config, changed, None, none)
         assert named in str(error.value)
     np.testing.assert_array_equal(
