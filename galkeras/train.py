@@ -500,17 +500,17 @@ def run(config):
         # this makes every op deterministic (or raise where it cannot be).
         tf.config.experimental.enable_op_determinism()
     try:
-        *prepared, lock = _prepare(config, is_chief(strategy))
+        prepared = _prepare(config, is_chief(strategy))
     except run_directory.RunFinished as finished:
         return {**finished.summary, "already_finished": str(finished)}
     except (ValueError, RunInUse) as error:  # includes DatasetError
         raise ConfigError(str(error)) from error
-    model_dir = prepared[5]
+    model_dir, lock = prepared.model_dir, prepared.lock
     scratch = config.dry_run or lock is None  # a temporary directory
     if config.dry_run:
         config = dry_run_config(config)
     try:
-        summary = _train(config, strategy, *prepared)
+        summary = _train(config, strategy, prepared)
     except (Preempted, Interrupted, NonFiniteError, CheckpointWriteError) as fault:
         # The message of a fault that leaves a resumable run names the directory
         # to resume, which the command line may not (--new_run, no --model_dir).
@@ -545,6 +545,26 @@ def dry_run_config(config):
 
 class ConfigError(ValueError):
     """A bad flag or bad data, found before any training started."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What `_prepare` found: the data, its labels and split, and where the run
+    goes (`lock` held on a chief's real run, else None)."""
+
+    data: object
+    noisy: object
+    clean: object
+    train_ids: object
+    heldout_ids: object
+    noise_rate_actual: float | None
+    model_dir: str
+    export_dir: str | None
+    lock: object = None
+
+    @property
+    def trains_on_all(self):
+        return len(self.train_ids) == len(self.noisy)
 
 
 def _prepare(config, chief=True):
@@ -609,7 +629,9 @@ def _prepare(config, chief=True):
         checkpointing.check_writable(model_dir, "--model_dir")
         export.check_export_base(export_dir)
         lock = checkpointing.RunLock(model_dir).acquire()
-    return data, noisy, clean, split, noise_rate_actual, model_dir, export_dir, lock
+    return Prepared(
+        data, noisy, clean, *split, noise_rate_actual, model_dir, export_dir, lock
+    )
 
 
 def heldout_split(config, data, noisy):
@@ -651,17 +673,9 @@ def _subset(images, ids):
     return images.subset(ids) if hasattr(images, "subset") else images[ids]
 
 
-def _train(
-    config,
-    strategy,
-    data,
-    noisy,
-    clean,
-    split,
-    noise_rate_actual,
-    model_dir,
-    export_dir,
-):
+def _train(config, strategy, prepared):
+    """The run, under the seed and the mixed-precision policy: build the method,
+    restore its checkpoint, fit, then export and summarise."""
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -671,124 +685,118 @@ def _train(
         # and the agreement math stay float32.
         keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
     try:
-        return _fit_and_write(
-            config,
-            strategy,
-            data,
-            noisy,
-            clean,
-            split,
-            noise_rate_actual,
-            model_dir,
-            export_dir,
+        with strategy.scope():
+            method, training_set = _build(config, prepared)
+        try:
+            run_directory.write_run_record(
+                prepared.model_dir,
+                config,
+                prepared.noisy,
+                prepared.clean,
+                prepared.heldout_ids,
+            )
+        except run_directory.RunRecordMismatch as error:
+            raise ConfigError(str(error)) from error
+        run_checkpoint, start_step = _restore(
+            config, strategy, method, training_set, prepared.model_dir
+        )
+        started = time.time()
+        saver = _fit(
+            config, strategy, method, training_set, run_checkpoint, start_step, prepared
+        )
+        seconds = time.time() - started
+        return _export_and_summarise(
+            config, method, training_set, saver, start_step, seconds, prepared
         )
     finally:
         keras.mixed_precision.set_global_policy(policy)
 
 
-def _fit_and_write(
-    config,
-    strategy,
-    data,
-    noisy,
-    clean,
-    split,
-    noise_rate_actual,
-    model_dir,
-    export_dir,
-):
-    import keras
-
-    from galkeras import (
-        augment,
-        backbones,
-        checkpointing,
-        export,
-        optimizers,
-        run_logging,
-        sampling,
-    )
-    from galkeras.model import NonFiniteError
+def _build(config, prepared):
+    """The compiled method and its `TrainingSet` (inside the strategy's scope)."""
+    from galkeras import augment, backbones, optimizers
     from galkeras.training_set import TrainingSet
 
-    with strategy.scope():
+    data = prepared.data
 
-        def make(name, kind):
-            weights = (
-                (config.pretrained_weights or None)
-                if kind == "resnet50" and not config.dry_run
-                else None
+    def make(name, kind):
+        weights = (
+            (config.pretrained_weights or None)
+            if kind == "resnet50" and not config.dry_run
+            else None
+        )
+        try:
+            net = backbones.build_backbone(
+                kind,
+                data.image_shape,
+                data.num_classes,
+                data.mean,
+                data.std,
+                width=config.backbone_width or None,
+                hidden_units=config.hidden_units,
+                # A dry run downloads nothing: pretrained weights are not loaded.
+                weights=weights,
+                name=name,
             )
-            try:
-                net = backbones.build_backbone(
-                    kind,
-                    data.image_shape,
-                    data.num_classes,
-                    data.mean,
-                    data.std,
-                    width=config.backbone_width or None,
-                    hidden_units=config.hidden_units,
-                    # A dry run downloads nothing: pretrained weights are not loaded.
-                    weights=weights,
-                    name=name,
-                )
-            except (OSError, ValueError) as error:
-                if weights in (None, "imagenet"):
-                    raise
-                raise ConfigError(
-                    f"--pretrained_weights={weights} could not be loaded into "
-                    f"ResNet-50 ({error}). Give a Keras weights file of the "
-                    "top-less ResNet-50 (include_top=False), or 'imagenet'."
-                ) from error
-            if config.sync_batchnorm:
-                net = backbones.synchronize_batchnorm(net)
-            return net
+        except (OSError, ValueError) as error:
+            if weights in (None, "imagenet"):
+                raise
+            raise ConfigError(
+                f"--pretrained_weights={weights} could not be loaded into "
+                f"ResNet-50 ({error}). Give a Keras weights file of the "
+                "top-less ResNet-50 (include_top=False), or 'imagenet'."
+            ) from error
+        if config.sync_batchnorm:
+            net = backbones.synchronize_batchnorm(net)
+        return net
 
-        gal = build_method(config, make)
-        # The held-out samples are never trained on: not in the batches, not in
-        # θC's pseudo-label table, not in its statistics.
-        train_ids, heldout_ids = split
-        whole = len(train_ids) == len(noisy)
-        training_set = TrainingSet(
-            data.x_train if whole else _subset(data.x_train, train_ids),
-            noisy[train_ids],
-            batch_size=config.batch_size,
-            sampling=config.sampling,
-            seed=config.seed,
-            augment=augment.make_augment(_augment_kind(config, data), data.image_shape),
-            clean_labels=clean if clean is None or whole else clean[train_ids],
-            num_classes=data.num_classes,
+    method = build_method(config, make)
+    # The held-out samples are never trained on: not in the batches, not in
+    # θC's pseudo-label table, not in its statistics.
+    ids, whole = prepared.train_ids, prepared.trains_on_all
+    clean = prepared.clean
+    training_set = TrainingSet(
+        data.x_train if whole else _subset(data.x_train, ids),
+        prepared.noisy[ids],
+        batch_size=config.batch_size,
+        sampling=config.sampling,
+        seed=config.seed,
+        augment=augment.make_augment(_augment_kind(config, data), data.image_shape),
+        clean_labels=clean if clean is None or whole else clean[ids],
+        num_classes=data.num_classes,
+    )
+    schedule = optimizers.piecewise_epoch_schedule(
+        config.lr,
+        config.lr_decay_epochs,
+        config.lr_decay_factor,
+        training_set.steps_per_epoch,
+    )
+    method.compile(
+        optimizer=optimizers.SGD(
+            schedule,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            weight_decay_mode=config.weight_decay_mode,
         )
-        schedule = optimizers.piecewise_epoch_schedule(
-            config.lr,
-            config.lr_decay_epochs,
-            config.lr_decay_factor,
-            training_set.steps_per_epoch,
-        )
-        gal.compile(
-            optimizer=optimizers.SGD(
-                schedule,
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-                weight_decay_mode=config.weight_decay_mode,
-            )
-        )
-        if config.method == "gal":
-            gal.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
-    try:
-        run_directory.write_run_record(model_dir, config, noisy, clean, heldout_ids)
-    except run_directory.RunRecordMismatch as error:
-        raise ConfigError(str(error)) from error
+    )
+    if config.method == "gal":
+        method.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
+    return method, training_set
+
+
+def _restore(config, strategy, method, training_set, model_dir):
+    """`(run_checkpoint, start_step)`: the run's checkpoint, restored."""
+    from galkeras import checkpointing
+
     run_checkpoint = checkpointing.RunCheckpoint(
-        gal,
+        method,
         os.path.join(model_dir, checkpointing.CHECKPOINT_DIR),
         training_set.labels,
     )
-    chief = is_chief(strategy)
     # Non-chief workers of a multi-worker run write to a temporary directory and
     # resume from the chief's checkpoints (--model_dir on storage they all see).
     shared = None
-    if not chief and config.model_dir:
+    if not is_chief(strategy) and config.model_dir:
         shared = os.path.join(config.model_dir, checkpointing.CHECKPOINT_DIR)
     try:
         start_step = run_checkpoint.restore(
@@ -810,73 +818,42 @@ def _fit_and_write(
         logging.warning(
             "Resuming %s from %s: %d of %d epochs and %d of %d steps done.",
             model_dir,
-            run_checkpoint.latest,
+            run_checkpoint.latest or shared,
             epoch,
             config.epochs,
             step,
             steps,
         )
+    return run_checkpoint, start_step
+
+
+def _fit(config, strategy, method, training_set, run_checkpoint, start_step, prepared):
+    """Trains from `start_step` to the end with the run's evaluations, logs and
+    checkpoints; returns the `CheckpointCallback`."""
+    from galkeras import checkpointing, run_logging
+    from galkeras.model import NonFiniteError
+
+    model_dir, steps = prepared.model_dir, training_set.steps_per_epoch
     # Also at step 0: a run that died before its first checkpoint may have
     # logged rows that it is about to write again.
     run_logging.truncate_logs(model_dir, start_step, steps)
     saver = checkpointing.CheckpointCallback(
         run_checkpoint,
-        gal,
+        method,
         steps,
         every_n_steps=config.checkpoint_every_steps,
         cluster_resolver=getattr(strategy, "cluster_resolver", None),
     )
-    started = time.time()
-    evaluation = {
-        "test": sampling.evaluation_dataset(data.x_test, data.y_test, config.batch_size)
-    }
-    if data.x_val is not None:
-        # Model selection on the clean validation split (Clothing1M's protocol):
-        # Keras' validation is the validation split, and the test split is
-        # evaluated beside it every epoch under `test_*` keys.
-        evaluation["validation"] = sampling.evaluation_dataset(
-            data.x_val, data.y_val, config.batch_size
-        )
-    history_csv = os.path.join(model_dir, "history.csv")
-    callbacks = [keras.callbacks.CSVLogger(history_csv, append=True)]
-    if config.method == "gal":
-        callbacks += [
-            per_variable_agreement_logger(
-                gal, os.path.join(model_dir, "agreement_per_variable.csv")
-            ),
-            run_logging.RunLogger(
-                gal,
-                os.path.join(model_dir, "tensorboard"),
-                steps_csv=os.path.join(model_dir, "steps.csv"),
-                every_n_steps=config.log_every_steps,
-            ),
-        ]
-    else:
-        callbacks.append(
-            keras.callbacks.TensorBoard(
-                os.path.join(model_dir, "tensorboard"), write_graph=False
-            )
-        )
-    if "validation" in evaluation:
-        callbacks.insert(0, run_logging.EvaluateTestSplit(gal, evaluation["test"]))
-    if len(heldout_ids):
-        # Model selection without clean data: the held-out samples against
-        # their noisy labels, under `heldout_*` keys.
-        heldout = sampling.evaluation_dataset(
-            _subset(data.x_train, heldout_ids), noisy[heldout_ids], config.batch_size
-        )
-        callbacks.insert(
-            0, run_logging.EvaluateTestSplit(gal, heldout, prefix=HELDOUT_PREFIX)
-        )
+    validation, callbacks = _evaluation_and_logs(config, method, prepared)
     # Last, so that an epoch's logs are written before its checkpoint.
     callbacks.append(saver)
     try:
         if start_step < config.epochs * steps:
-            gal.fit(
+            method.fit(
                 training_set,
                 epochs=config.epochs,
                 initial_step=start_step,
-                validation_data=evaluation.get("validation", evaluation["test"]),
+                validation_data=validation,
                 callbacks=callbacks,
                 verbose=config.verbose,
             )
@@ -891,39 +868,104 @@ def _fit_and_write(
         raise checkpointing.Interrupted(run_checkpoint.latest_on_disk) from interrupt
     finally:
         saver.close()
-    seconds = time.time() - started
-    trained_epochs = config.epochs - start_step / steps
-    # The whole run's epochs, including those before a resume.
-    history = run_logging.read_history_csv(history_csv)
+    return saver
 
+
+def _evaluation_and_logs(config, method, prepared):
+    """`(validation_data, callbacks)`: the test split (or the clean validation
+    split, with the test split beside it), the noisy held-out split, and the
+    run's logs."""
+    import keras
+
+    from galkeras import run_logging, sampling
+
+    data, model_dir = prepared.data, prepared.model_dir
+    test = sampling.evaluation_dataset(data.x_test, data.y_test, config.batch_size)
+    callbacks = [keras.callbacks.CSVLogger(_history_csv(model_dir), append=True)]
+    if config.method == "gal":
+        callbacks += [
+            per_variable_agreement_logger(
+                method, os.path.join(model_dir, "agreement_per_variable.csv")
+            ),
+            run_logging.RunLogger(
+                method,
+                os.path.join(model_dir, "tensorboard"),
+                steps_csv=os.path.join(model_dir, "steps.csv"),
+                every_n_steps=config.log_every_steps,
+            ),
+        ]
+    else:
+        callbacks.append(
+            keras.callbacks.TensorBoard(
+                os.path.join(model_dir, "tensorboard"), write_graph=False
+            )
+        )
+    validation = test
+    if data.x_val is not None:
+        # Model selection on the clean validation split (Clothing1M's protocol):
+        # Keras' validation is the validation split, and the test split is
+        # evaluated beside it every epoch under `test_*` keys.
+        validation = sampling.evaluation_dataset(
+            data.x_val, data.y_val, config.batch_size
+        )
+        callbacks.insert(0, run_logging.EvaluateTestSplit(method, test))
+    if len(prepared.heldout_ids):
+        # Model selection without clean data: the held-out samples against
+        # their noisy labels, under `heldout_*` keys.
+        ids = prepared.heldout_ids
+        heldout = sampling.evaluation_dataset(
+            _subset(data.x_train, ids), prepared.noisy[ids], config.batch_size
+        )
+        callbacks.insert(
+            0, run_logging.EvaluateTestSplit(method, heldout, prefix=HELDOUT_PREFIX)
+        )
+    return validation, callbacks
+
+
+def _history_csv(model_dir):
+    return os.path.join(model_dir, "history.csv")
+
+
+def _export_and_summarise(
+    config, method, training_set, saver, start_step, seconds, prepared
+):
+    """Exports the reported network and writes `summary.json`; returns it."""
+    from galkeras import export, run_logging
+
+    model_dir, export_dir = prepared.model_dir, prepared.export_dir
+    # The whole run's epochs, including those before a resume.
+    history = run_logging.read_history_csv(_history_csv(model_dir))
     # The reported network is exported for serving, and saved as a .keras file
-    # for reloading in Keras: θC for GAL, θA for CE, the twins' joint prediction
-    # for a run without θC.
+    # for reloading in Keras: θC for GAL, θA for GAL-as-CE, the twins' joint
+    # prediction for a run without θC, a peer's reported network.
     reported = reported_network(config)
     export_path = keras_path = None
     if export_dir is not None:  # not on a dry run, not on a non-chief worker
-        served = gal.classifier(reported)
+        served = method.classifier(reported)
         # Written under a temporary name, then renamed: never half a file.
         keras_path = os.path.join(model_dir, f"{reported}.keras")
         served.save(keras_path + ".partial.keras")
         os.replace(keras_path + ".partial.keras", keras_path)
-        export_path = export.export_classifier(served, export_dir, data.class_names)
+        export_path = export.export_classifier(
+            served, export_dir, prepared.data.class_names
+        )
+    trained_epochs = config.epochs - start_step / training_set.steps_per_epoch
     summary = summarise(history, config.warmup_epochs, reported)
     summary.update(
         {
             "train_examples": training_set.num_examples,
-            "heldout_examples": len(heldout_ids),
-            "dataset": data.name,
+            "heldout_examples": len(prepared.heldout_ids),
+            "dataset": prepared.data.name,
             "noise_type": config.noise_type,
             "noise_rate": config.noise_rate,
-            "noise_rate_actual": noise_rate_actual,
+            "noise_rate_actual": prepared.noise_rate_actual,
             "epochs": config.epochs,
             # Of the epochs trained by this process (all, unless resumed).
             "seconds_per_epoch": seconds / trained_epochs if trained_epochs else None,
             "resumed_from_step": start_step,
-            "nonfinite_steps": int(gal.nonfinite_steps.numpy()),
+            "nonfinite_steps": int(method.nonfinite_steps.numpy()),
             "cdas_fallbacks": saver.cdas_fallbacks(),
-            "skipped_images": data.skipped_images,
+            "skipped_images": prepared.data.skipped_images,
             "reported_network": reported,
             "dry_run": config.dry_run,
             "model_dir": model_dir,

@@ -596,7 +596,7 @@ def test_a_fault_of_a_new_run_names_the_command_that_resumes_it(
         raise checkpointing.Preempted(os.path.join(new_dir, "checkpoints", "ckpt-4"))
 
     monkeypatch.setattr(train, "_train", preempted)
-    prepared = (*[None] * 5, new_dir, None, None)  # ..., model_dir, export, lock
+    prepared = train.Prepared(*[None] * 6, model_dir=new_dir, export_dir=None)
     monkeypatch.setattr(train, "_prepare", lambda *a: prepared)
     monkeypatch.setattr(train, "config_from_flags", lambda: config)
     monkeypatch.setattr(train, "config_problems", lambda config: [])
