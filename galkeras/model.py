@@ -17,6 +17,7 @@ from galkeras.gated_update import (
     GatedUpdate,
     record_nonfinite,
 )
+from galkeras.methods.base import fit_from_step
 from galkeras.training_set import TrainingSet
 
 ON_NONFINITE = ("stop", "skip_step")
@@ -881,7 +882,8 @@ class GAL(keras.Model):
         self.enter_epoch(initial_epoch)
         self.make_train_function(force=True)
 
-        def keras_fit(first_epoch, last_epoch, steps_per_epoch):
+        def keras_fit(first_epoch, last_epoch, steps_per_epoch, first_step):
+            # The driver points the stream at `first_step` itself.
             return super(GAL, self).fit(
                 dataset,
                 epochs=last_epoch,
@@ -894,18 +896,7 @@ class GAL(keras.Model):
                 **kwargs,
             )
 
-        if not done_in_epoch:
-            return keras_fit(initial_epoch, epochs, steps)
-        # Keras' epochs all have one length: the rest of the interrupted epoch
-        # is a fit of its own.
-        history = keras_fit(initial_epoch, initial_epoch + 1, steps - done_in_epoch)
-        if initial_epoch + 1 >= epochs:
-            return history
-        rest = keras_fit(initial_epoch + 1, epochs, steps)
-        for key, values in history.history.items():
-            rest.history[key] = values + rest.history.get(key, [])
-        rest.epoch = history.epoch + rest.epoch
-        return rest
+        return fit_from_step(keras_fit, initial_step, epochs, steps)
 
     # --------------------------------------------------------------- config
     def get_config(self):
