@@ -13,7 +13,9 @@ paper's outputs from them (Yan et al., Applied Sciences 2023, 13(3), 1823):
   panel per noise setting (Figure 4);
 - `table_markdown`: Best / Last / Best − Last / Last10 (and Selected, with a noisy
   held-out split) per method and noise setting (Table 1 layout; its rows also
-  cover Table 4's ablations). Best is test-selected and labelled so.
+  cover Table 4's ablations), with the paper's Table 1 numbers (`PAPER_TABLE1`)
+  under the rows of the methods it reports. Best is test-selected and labelled
+  so.
 
 The functions take arguments; only `main` reads flags. Figures need matplotlib
 (`pip install "galkeras[report]"`) and are drawn on the non-interactive Agg
@@ -41,12 +43,17 @@ CONFIG, SUMMARY, HISTORY, STEPS = (
     "history.csv",
     "steps.csv",
 )
+# GAL's networks, which every GAL summary holds; a peer's summary holds its own
+# (`net` for CE; `net1`, `net2` and `joint` for the two-network peers).
 NETWORKS = train.NETWORKS
 NETWORK_LABELS = {
     "twin_a": "θA",
     "twin_b": "θB",
     "joint": "joint (θA+θB)",
     "student": "θC",
+    "net": "net",
+    "net1": "net 1",
+    "net2": "net 2",
 }
 AGREEMENT_COLUMNS = {
     "agreement_ratio": "share of variables",
@@ -70,15 +77,29 @@ SYNTHETIC_NOISE_NAMES = {
     "pairflip": "Pairflip",
     "sym_inclusive": "Sym-inclusive",
 }
-# Table rows in the order of the paper's Table 4 (Cross Entropy first, GAL last).
+# Table rows: the paper's Table 1 order for the methods (Cross Entropy, then the
+# peers; MentorNet and Co-learning, which galkeras does not implement, appear only
+# with the paper's numbers), then Table 4's ablations, GAL last.
 METHOD_ORDER = (
     "Cross Entropy",
+    "MentorNet",
+    "Co-teaching",
+    "Co-teaching+",
+    "JoCoR",
+    "Co-learning",
     "Random Updating",
     "θA+θB+CE",
     "θA+θB+Random Updating",
     "θA+θB+GAU",
     "GAL",
 )
+# `--method` -> row name, for the methods other than GAL.
+METHOD_LABELS = {
+    "ce": "Cross Entropy",
+    "coteaching": "Co-teaching",
+    "coteaching_plus": "Co-teaching+",
+    "jocor": "JoCoR",
+}
 _TWIN_METHODS = {
     "all": "θA+θB+CE",
     "random": "θA+θB+Random Updating",
@@ -98,6 +119,98 @@ class Setting(NamedTuple):
     dataset: str
     noise_type: str
     noise_rate: float | None
+
+
+# The paper's Table 1 (Yan et al., "Gradient Agreement Hinders the Memorization
+# of Noisy Labels", Applied Sciences 2023, 13(3), 1823): PreAct ResNet-18 on
+# CIFAR-10 and CIFAR-100, (best, last, best − last) test accuracy (%) per method
+# as printed there, in the order of `PAPER_TABLE1_SETTINGS`; None where the paper
+# has no number (MentorNet on asymmetric noise). Its Best−Last is Best − Last
+# except for JoCoR at CIFAR-10 Sym 20%, printed 1.1 where 90.2 − 88.9 = 1.3.
+PAPER_TABLE1_SETTINGS = (
+    Setting("cifar10", "sym", 0.2),
+    Setting("cifar10", "sym", 0.5),
+    Setting("cifar10", "sym", 0.8),
+    Setting("cifar10", "asym", 0.4),
+    Setting("cifar100", "sym", 0.2),
+    Setting("cifar100", "sym", 0.5),
+    Setting("cifar100", "sym", 0.8),
+)
+_PAPER_TABLE1_ROWS = {
+    "Cross Entropy": (
+        (86.8, 82.7, 4.1),
+        (79.4, 57.9, 21.5),
+        (62.9, 26.1, 36.8),
+        (85.0, 72.3, 12.7),
+        (62.0, 61.8, 0.2),
+        (46.7, 37.3, 9.4),
+        (19.9, 8.8, 11.1),
+    ),
+    "MentorNet": (
+        (86.6, 85.2, 1.4),
+        (82.4, 81.3, 1.1),
+        (63.1, 41.9, 21.2),
+        None,
+        (61.8, 61.1, 0.7),
+        (47.3, 38.5, 8.8),
+        (22.8, 11.6, 11.2),
+    ),
+    "Co-teaching": (
+        (87.9, 86.5, 1.4),
+        (83.5, 81.9, 1.6),
+        (64.4, 44.2, 20.2),
+        (87.1, 85.2, 1.9),
+        (63.4, 62.8, 0.6),
+        (50.3, 48.5, 1.8),
+        (25.6, 13.2, 12.4),
+    ),
+    "Co-teaching+": (
+        (89.5, 88.2, 1.3),
+        (85.7, 84.1, 1.6),
+        (67.4, 45.5, 21.9),
+        (87.8, 86.4, 1.4),
+        (65.6, 64.1, 1.5),
+        (51.8, 45.3, 6.5),
+        (27.9, 15.5, 12.4),
+    ),
+    "JoCoR": (
+        (90.2, 88.9, 1.1),
+        (85.3, 83.8, 1.5),
+        (69.2, 45.1, 24.1),
+        (88.3, 86.6, 1.7),
+        (65.4, 64.3, 1.1),
+        (52.5, 50.4, 2.1),
+        (27.1, 15.7, 11.4),
+    ),
+    "Co-learning": (
+        (93.1, 92.5, 0.6),
+        (88.6, 87.6, 1.0),
+        (76.2, 62.4, 13.8),
+        (88.0, 86.5, 1.5),
+        (69.5, 68.9, 0.6),
+        (59.8, 59.1, 0.7),
+        (38.6, 35.2, 3.4),
+    ),
+    "GAL": (
+        (93.7, 93.5, 0.2),
+        (90.5, 90.1, 0.4),
+        (78.9, 78.3, 0.6),
+        (91.6, 91.2, 0.4),
+        (70.5, 70.1, 0.4),
+        (61.3, 60.8, 0.5),
+        (40.8, 40.2, 0.6),
+    ),
+}
+# (method row, Setting) -> (best, last, best − last) of the paper's Table 1.
+PAPER_TABLE1 = {
+    (method, setting): result
+    for method, results in _PAPER_TABLE1_ROWS.items()
+    for setting, result in zip(PAPER_TABLE1_SETTINGS, results, strict=True)
+    if result is not None
+}
+PAPER_TABLE1_METHODS = tuple(_PAPER_TABLE1_ROWS)
+# The label of the line under a method's row that holds the paper's numbers.
+PAPER_LINE = "↳ paper"
 
 
 @dataclasses.dataclass
@@ -153,6 +266,11 @@ class Run:
         return f"{dataset} {noise_type}"
 
     @property
+    def method(self):
+        """`--method`; runs made before the flag existed are GAL runs."""
+        return self.config.get("method", "gal")
+
+    @property
     def reported_network(self):
         if self.summary and self.summary.get("reported_network"):
             return self.summary["reported_network"]
@@ -176,8 +294,10 @@ def load_run(run_dir):
 
     Raises:
         ValueError: naming the path and what is missing or malformed: no such
-            directory, no `config.json`, a file that does not parse, or a
-            finished run (with `summary.json`) without its `history.csv`.
+            directory, no `config.json`, a file that does not parse, a finished
+            run (with `summary.json`) without its `history.csv`, or a summary
+            without the accuracies of GAL's four networks (GAL) or of the
+            reported network (any other method).
     """
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir}: no such run directory.")
@@ -194,22 +314,24 @@ def load_run(run_dir):
     summary = _read_json(summary_path) if os.path.exists(summary_path) else None
     history_path = os.path.join(run_dir, HISTORY)
     history = _read_csv(history_path) if os.path.exists(history_path) else {}
-    if summary is not None:
-        if not any(history.values()):
-            raise ValueError(
-                f"{run_dir} has a {SUMMARY} but no epochs in {HISTORY}: the run "
-                "directory is incomplete."
-            )
-        for net in NETWORKS:
-            if not isinstance(summary.get(net), dict) or "best" not in summary[net]:
-                raise ValueError(f"{summary_path} lacks the {net} accuracies.")
     steps_path = os.path.join(run_dir, STEPS)
     steps = (
         _read_csv(steps_path, text_columns=("phase",))
         if os.path.exists(steps_path)
         else None
     )
-    return Run(run_dir, config, summary, history, steps)
+    run = Run(run_dir, config, summary, history, steps)
+    if summary is not None:
+        if not any(history.values()):
+            raise ValueError(
+                f"{run_dir} has a {SUMMARY} but no epochs in {HISTORY}: the run "
+                "directory is incomplete."
+            )
+        required = NETWORKS if run.method == "gal" else (run.reported_network,)
+        for net in required:
+            if not isinstance(summary.get(net), dict) or "best" not in summary[net]:
+                raise ValueError(f"{summary_path} lacks the {net} accuracies.")
+    return run
 
 
 def _read_json(path):
@@ -254,15 +376,26 @@ def _read_csv(path, text_columns=()):
 def method_label(run):
     """The run's row name in Table 1 / Table 4.
 
-    "Cross Entropy" when θA is reported (warm-up for every epoch), "GAL" for
+    "Cross Entropy" for `--method=ce` and for a GAL run that is cross entropy (θA
+    reported: warm-up for every epoch, no θC; runs made before `--method`);
+    "Co-teaching", "Co-teaching+" and "JoCoR" for the peers. For GAL: "GAL" for
     agreement updating reported by θC, "θA+θB+CE" / "θA+θB+Random Updating" /
     "θA+θB+GAU" for twin ablations reported by their joint prediction (update rule
     all / random / agreement). A non-default `sampling`, and for agreement
-    updating a non-default `tau`, are appended, e.g. "GAL (τ=0.6)"; flags that
-    cannot change the method's result (τ without agreement, anything for Cross
-    Entropy) are not, so they do not split a row.
+    updating a non-default `tau`, are appended, e.g. "GAL (τ=0.6)"; so are a
+    peer's non-default `num_gradual`, `forget_exponent`, `divide_twice`,
+    `softmax_twice`, and a `forget_rate` other than the noise rate (r/2 for
+    asym). Flags that cannot change the method's result (τ without agreement,
+    anything for Cross Entropy) are not, so they do not split a row; neither are
+    `co_lambda` and `init_epoch`, which Table 1 sets per dataset and noise (as
+    the official code of JoCoR and Co-teaching+ does).
     """
     config = run.config_with_defaults()
+    method = config["method"]
+    if method != "gal":
+        base = METHOD_LABELS.get(method, method)
+        variants = _peer_variants(config)
+        return f"{base} ({', '.join(variants)})" if variants else base
     network, rule = run.reported_network, config["update_rule"]
     if network == "twin_a":
         return "Cross Entropy"
@@ -278,6 +411,25 @@ def method_label(run):
     if rule == "agreement" and float(config["tau"]) != _DEFAULT_CONFIG.tau:
         variants.append(f"τ={float(config['tau']):g}")
     return f"{base} ({', '.join(variants)})" if variants else base
+
+
+def _peer_variants(config):
+    """A peer's flags that split its row (see `method_label`), as "flag=value"."""
+    used = train.METHOD_FLAGS.get(config["method"], ())
+    variants = []
+    rate = config["forget_rate"]
+    if "forget_rate" in used and rate is not None:
+        noise = types.SimpleNamespace(**{**config, "forget_rate": None})
+        # Real noise has no default rate: every such run states its own.
+        synthetic = config["noise_type"] in SYNTHETIC_NOISE_NAMES
+        if synthetic and float(rate) != train.method_forget_rate(noise):
+            variants.append(f"forget_rate={float(rate):g}")
+    for flag in ("num_gradual", "forget_exponent", "divide_twice", "softmax_twice"):
+        value = config[flag]
+        if flag not in used or value == getattr(_DEFAULT_CONFIG, flag):
+            continue
+        variants.append(flag if isinstance(value, bool) else f"{flag}={value:g}")
+    return variants
 
 
 def setting_label(setting):
@@ -327,9 +479,10 @@ def _mean_std(values):
 
 
 # ------------------------------------------------------------------ table
-def table_markdown(runs, ablation_rows=False):
+def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
     """Best / Last / Best − Last / Last10 (/ Selected) test accuracy (%) in the
-    layout of the paper's Table 1 (whose rows also take Table 4's ablations).
+    layout of the paper's Table 1 (whose rows also take Table 4's ablations),
+    with the paper's own numbers beside ours.
 
     One column group per noise setting (e.g. "CIFAR-10 Sym 20%", "Animal-10N"),
     each with Best† (test-selected, so marked, with the mark explained under the
@@ -337,11 +490,18 @@ def table_markdown(runs, ablation_rows=False):
     epoch of best noisy held-out accuracy) when any run of the table has it; a
     run without it gets "–" there. A summary older than `last10` gets it from
     the run's history. One row per method (`method_label`), on
-    the network that method reports (θC for GAL, θA for Cross Entropy, the joint
-    prediction for twin ablations). Runs sharing a cell (e.g. seeds) are averaged
-    and shown as mean ± std over the runs (ddof=0). A method without a run in a
-    setting gets "–". Markdown has one header row, so the group names form the
-    header and the column names the first row.
+    the network that method reports (θC for GAL; Cross Entropy's one network,
+    or θA of a GAL run that is cross entropy; net 1 for Co-teaching,
+    Co-teaching+ and JoCoR; the joint prediction for twin ablations). Runs
+    sharing a cell (e.g. seeds) are averaged and shown as mean ± std over the
+    runs (ddof=0). A method without a run in a setting gets "–". Markdown has
+    one header row, so the group names form the header and the column names the
+    first row.
+
+    Under the row of each method that the paper's Table 1 reports (its label
+    exactly, so "GAL (τ=0.6)" gets none), a "↳ paper" line holds the paper's
+    Best, Last and Best−Last (`PAPER_TABLE1`) in the settings of Table 1, and
+    "–" elsewhere, whenever the table has a Table 1 setting.
 
     Below the table: a line per run with model selection (Clothing1M's test
     accuracy at the best validation epoch, Table 3), and a line per run left out
@@ -353,6 +513,11 @@ def table_markdown(runs, ablation_rows=False):
             a GAL run's joint prediction is "θA+θB+GAU" (θC does not influence
             the twins), and a random-updating run's θA alone is "Random
             Updating" (its updates do not depend on θB).
+        paper: the "↳ paper" lines.
+        paper_methods: also a row for each method of the paper's Table 1 that
+            has no run here ("–" in our cells, the paper's numbers under it),
+            such as MentorNet and Co-learning, which galkeras does not
+            implement: the whole of the paper's table beside ours.
 
     Returns:
         The Markdown text, ending in a newline.
@@ -385,7 +550,11 @@ def table_markdown(runs, ablation_rows=False):
                 f"(validation {_number(selection['validation_accuracy'])})."
             )
     settings = sorted({s for _, s in cells}, key=_setting_order)
-    methods = sorted({m for m, _ in cells}, key=_method_order)
+    paper = paper and any(s in PAPER_TABLE1_SETTINGS for s in settings)
+    methods = {m for m, _ in cells}
+    if paper and paper_methods:
+        methods.update(PAPER_TABLE1_METHODS)
+    methods = sorted(methods, key=_method_order)
     keys = ["best", "last", "best_minus_last", "last10"]
     headers = ["Best†", "Last", "B−L", "Last10"]
     if any(r["selected"] is not None for rs in cells.values() for r in rs):
@@ -413,13 +582,36 @@ def table_markdown(runs, ablation_rows=False):
                     # A cell is a mean over all its runs, or nothing.
                     row.append(MISSING if None in values else _mean_std(values))
             lines.append("| " + " | ".join(row) + " |")
+            if paper and method in PAPER_TABLE1_METHODS:
+                lines.append(_paper_line(method, settings, len(keys)))
         lines += [
             "",
             "† Best is test-selected: the test accuracy at the epoch of best test "
             "accuracy, which no practitioner can choose.",
+        ]
+        if paper:
+            note = (
+                f"{PAPER_LINE}: the paper's Table 1 (Yan et al., Applied Sciences "
+                "2023) for the method above: Best, Last and Best−Last as printed "
+                "there (its Best is test-selected too; it reports no Last10 or "
+                "Selected). The paper names its peers' backbone (PreAct ResNet-18) "
+                "but not their training recipe; galkeras trains every method under "
+                "GAL's protocol (§4.1.2)."
+            )
+            unrun = [m for m in methods if not any((m, s) in cells for s in settings)]
+            if unrun:
+                note += (
+                    f" Rows of – are methods without a run here ({', '.join(unrun)})."
+                )
+            if {"MentorNet", "Co-learning"} & set(unrun):
+                note += " galkeras does not implement MentorNet and Co-learning."
+            lines += ["", note]
+        lines += [
             "",
             "Test accuracy (%) of the network each method reports (GAL: θC; Cross "
-            "Entropy: θA; θA+θB: their joint prediction), at its best epoch (Best) "
+            "Entropy: its one network, or θA of a GAL run that is cross entropy; "
+            "Co-teaching, Co-teaching+, JoCoR: net 1; θA+θB: their joint "
+            "prediction), at its best epoch (Best) "
             f"and last epoch (Last), and the mean over its last {train.LAST_EPOCHS} "
             "epochs (Last10)"
             + (
@@ -437,6 +629,17 @@ def table_markdown(runs, ablation_rows=False):
     if skipped:
         lines += ["", *skipped]
     return "\n".join(lines) + "\n"
+
+
+def _paper_line(method, settings, width):
+    """The "↳ paper" row of `method`: the paper's Best, Last and Best−Last in
+    each setting of its Table 1, "–" in every other cell."""
+    row = [PAPER_LINE]
+    for setting in settings:
+        result = PAPER_TABLE1.get((method, setting))
+        cells = [_number(x) for x in result] if result else [MISSING] * 3
+        row += (cells + [MISSING] * width)[:width]
+    return "| " + " | ".join(row) + " |"
 
 
 def _results(run, network):
@@ -483,20 +686,22 @@ def _figure(nrows=1, ncols=1, figsize=(7, 4.5)):
 def accuracy_columns(history):
     """network -> the history column of its test accuracy: `test_*` when the run
     had a validation split (then `val_*` is validation), else `val_*` (which is
-    then the test set). Networks without a column are left out."""
-    test = any(f"test_{net}_accuracy" in history for net in NETWORKS)
+    then the test set). Networks without a column are left out: a GAL run has
+    θA, θB, joint and θC, a peer's its own (`net`; `net1`, `net2`, `joint`)."""
+    test = any(f"test_{net}_accuracy" in history for net in train.ALL_NETWORKS)
     prefix = "test_" if test else "val_"
     return {
         net: f"{prefix}{net}_accuracy"
-        for net in NETWORKS
+        for net in train.ALL_NETWORKS
         if f"{prefix}{net}_accuracy" in history
     }
 
 
 def accuracy_figure(run):
-    """Test accuracy (%) per epoch of θA, θB, their joint prediction and θC, each
-    curve with its best epoch (marker and value) and last epoch (square) marked:
-    the curves behind Table 1's Best and Last. A dotted line ends the warm-up.
+    """Test accuracy (%) per epoch of θA, θB, their joint prediction and θC (a
+    peer's: its networks and their joint prediction), each curve with its best
+    epoch (marker and value) and last epoch (square) marked: the curves behind
+    Table 1's Best and Last. A dotted line ends GAL's warm-up.
 
     Lines carry a `gid` for inspection: the network ("twin_a", ...), the network
     + "/best" or "/last" for the markers, and "warmup".
@@ -523,7 +728,7 @@ def accuracy_figure(run):
         best = max(finite, key=accuracy.__getitem__)
         last = len(accuracy) - 1
         label = (
-            f"{NETWORK_LABELS[net]} (test-selected best {accuracy[best]:.1f}, "
+            f"{_network_label(run, net)} (test-selected best {accuracy[best]:.1f}, "
             f"last {accuracy[last]:.1f})"
         )
         (line,) = ax.plot(epochs, accuracy, label=label, gid=net, lw=1.2)
@@ -546,7 +751,8 @@ def accuracy_figure(run):
             markerfacecolor="none",
             gid=f"{net}/last",
         )
-    warmup = int(run.config.get("warmup_epochs", 0))
+    # Only GAL has a warm-up; a peer's config carries the unused default.
+    warmup = int(run.config.get("warmup_epochs", 0)) if run.method == "gal" else 0
     if 0 < warmup < int(run.config.get("epochs", warmup + 1)):
         ax.axvline(warmup, color="grey", lw=0.8, ls=":", gid="warmup")
     ax.set(
@@ -557,6 +763,13 @@ def accuracy_figure(run):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _network_label(run, net):
+    """A network's name in a figure; a peer's joint prediction is of its nets."""
+    if net == "joint" and run.method != "gal":
+        return "joint (net 1+net 2)"
+    return NETWORK_LABELS.get(net, net)
 
 
 def agreement_figure(runs, column="agreement_ratio"):
@@ -621,14 +834,18 @@ def _agreement_column(run, column):
 
 def tau_points(runs):
     """Setting -> [(τ, mean best, mean last)] of the joint prediction, sorted by τ,
-    over the finished runs with agreement updating (the runs τ acts on); runs
+    over the finished GAL runs with agreement updating (the runs τ acts on); runs
     sharing a τ (e.g. seeds) are averaged."""
     grouped = {}
     for run in runs:
         if run.summary is None or run.summary.get("dry_run"):
             continue
         config = run.config_with_defaults()
-        if config["update_rule"] != "agreement" or run.reported_network == "twin_a":
+        if (
+            run.method != "gal"
+            or config["update_rule"] != "agreement"
+            or run.reported_network == "twin_a"
+        ):
             continue
         by_tau = grouped.setdefault(run.setting, {})
         by_tau.setdefault(float(config["tau"]), []).append(run.summary["joint"])
@@ -848,9 +1065,10 @@ EXPERIMENT_OUTPUTS = {
 
 def write_experiment(experiment, run_dirs, out_dir):
     """Writes a `galkeras.reproduce` experiment's outputs into
-    `<out_dir>/<experiment>/` and returns their paths: `table.md` (Tables 1–5,
-    Table 4 with its ablation rows), `agreement.png` (Figure 1), `tau.png`
-    (Figure 4), and the accuracy curves of the single-dataset tables 2 and 3."""
+    `<out_dir>/<experiment>/` and returns their paths: `table.md` (Tables 1–5;
+    Table 1 with every row of the paper's, Table 4 with its ablation rows),
+    `agreement.png` (Figure 1), `tau.png` (Figure 4), and the accuracy curves of
+    the single-dataset tables 2 and 3."""
     runs = [load_run(d) for d in run_dirs]
     target = os.path.join(out_dir, experiment)
     outputs = EXPERIMENT_OUTPUTS[experiment]
@@ -859,8 +1077,13 @@ def write_experiment(experiment, run_dirs, out_dir):
     for warning in warnings:
         print(f"galkeras.reproduce: warning: {warning}", file=sys.stderr)
     if "table" in outputs:
+        table = table_markdown(
+            runs,
+            ablation_rows=experiment == "table4",
+            paper_methods=experiment == "table1",
+        )
         with open(os.path.join(target, "table.md"), "w") as f:
-            f.write(table_markdown(runs, ablation_rows=experiment == "table4"))
+            f.write(table)
     return sorted(
         os.path.join(target, name)
         for name in os.listdir(target)

@@ -7,10 +7,16 @@ writes the experiment's table (Markdown, the paper's layout) or figure (PNG) to
 `--out` with `galkeras.report`. `--dry_run` instead checks every file: it builds
 every network and pipeline and trains one step of each phase on stand-in data.
 
+A flag file may include another (a line `--flagfile=flags/table1/base/x.flags`),
+and absl reads such a path from the working directory. So every run and every
+dry run works in the parent of the flags directory (the repository root for
+`flags/`), and the paths it is given are absolute.
+
     python -m galkeras.reproduce --table=1 --data_dir=~/tensorflow_datasets
     python -m galkeras.reproduce --figure=4 --dry_run
 """
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -22,6 +28,9 @@ from absl import app, flags
 # Flag files (globs relative to the flags directory) of each experiment. θC does
 # not influence the twins, so a GAL run also gives Table 4's "θA + θB + Gradient
 # Agreement Updating" row (its joint accuracy) and Figure 4's τ = 0.4 point.
+# Table 1 holds one file per method and setting (GAL's is `<setting>.flags`,
+# the others `<setting>_<method>.flags`); the protocol they share is in
+# `table1/base/`, which the globs do not reach, since a base is no run.
 _GAL_CIFAR10 = tuple(
     f"table1/cifar10_{s}.flags" for s in ("sym20", "sym50", "sym80", "asym40")
 )
@@ -81,6 +90,23 @@ def experiment_files(experiment, flags_dir):
     return files
 
 
+def flags_root(flags_dir):
+    """The directory that nested `--flagfile=flags/...` lines are relative to:
+    the parent of the flags directory (for `flags/`, the repository root)."""
+    return os.path.dirname(os.path.abspath(flags_dir))
+
+
+@contextlib.contextmanager
+def working_directory(path):
+    """Runs the body in `path`, then returns to the directory it was in."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def plan_runs(files, flags_dir, runs_dir, seeds):
     """A `PlannedRun` per file and seed: `<runs_dir>/<file's path>_s<seed>`."""
     runs = []
@@ -103,26 +129,39 @@ def unfinished(runs):
 
 
 def train_command(run, data_dir=None):
-    """The `python -m galkeras.train` command line of one run."""
+    """The `python -m galkeras.train` command line of one run. Its paths are
+    absolute, since it runs in `flags_root`, not in the caller's directory."""
+    run_dir = os.path.abspath(run.run_dir)
     command = [
         sys.executable,
         "-m",
         "galkeras.train",
-        f"--flagfile={run.flag_file}",
+        f"--flagfile={os.path.abspath(run.flag_file)}",
         f"--seed={run.seed}",
-        f"--model_dir={run.run_dir}",
-        f"--export_dir={os.path.join(run.run_dir, 'export')}",
+        f"--model_dir={run_dir}",
+        f"--export_dir={os.path.join(run_dir, 'export')}",
         "--verbose=2",
     ]
     if data_dir:
-        command.append(f"--data_dir={data_dir}")
+        command.append(f"--data_dir={_absolute(data_dir)}")
     return command
 
 
-def dry_run_file(flag_file, **overrides):
+def _absolute(path):
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def dry_run_file(flag_file, root=None, **overrides):
     """Dry-runs one flag file in this process (`galkeras.train --dry_run`):
     builds its networks and pipeline and trains one step of each phase on
     stand-in data. Saves the TensorFlow start-up of a process per file.
+
+    Args:
+        flag_file: the flag file.
+        root: the directory its nested `--flagfile` lines (and any other
+            relative path in it) are relative to, as for a run; default: the
+            current one, as for `python -m galkeras.train`.
+        **overrides: `TrainConfig` fields to set; None values are ignored.
 
     Raises:
         ReproduceError: naming the file, for bad flags or a failing build or step.
@@ -132,12 +171,16 @@ def dry_run_file(flag_file, **overrides):
     from galkeras import train
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("data_dir"):
+        overrides["data_dir"] = _absolute(overrides["data_dir"])
+    path = os.path.abspath(flag_file)
     try:
-        config = train.config_from_flagfile(flag_file, dry_run=True, **overrides)
-        problems = train.config_problems(config)
-        if problems:
-            raise ValueError("\n".join(problems))
-        train.run(dataclasses.replace(config, verbose=0))
+        with working_directory(root or os.getcwd()):
+            config = train.config_from_flagfile(path, dry_run=True, **overrides)
+            problems = train.config_problems(config)
+            if problems:
+                raise ValueError("\n".join(problems))
+            train.run(dataclasses.replace(config, verbose=0))
     except Exception as error:  # name the file whatever broke
         raise ReproduceError(
             f"{flag_file}: dry run failed: {type(error).__name__}: {error}"
@@ -168,7 +211,8 @@ def reproduce(
         seeds: the seeds to run each file with.
         data_dir: passed to every run as `--data_dir`.
         dry_run: check every file with `--dry_run` instead; writes no run.
-        run: `subprocess.run`-like function (tests pass a recorder).
+        run: `subprocess.run`-like function, called as `run(command,
+            check=False, cwd=flags_root(flags_dir))` (tests pass a recorder).
         log: function printing one line of progress.
 
     Returns:
@@ -180,6 +224,7 @@ def reproduce(
     """
     files = experiment_files(experiment, flags_dir)
     runs = plan_runs(files, flags_dir, runs_dir, seeds)
+    root = flags_root(flags_dir)
     if not dry_run:
         stuck = unfinished(runs)
         if stuck:
@@ -196,10 +241,10 @@ def reproduce(
             continue
         if dry_run:
             log(f"{prefix}: dry run")
-            dry_run_file(planned.flag_file, seed=planned.seed, data_dir=data_dir)
+            dry_run_file(planned.flag_file, root, seed=planned.seed, data_dir=data_dir)
             continue
         log(f"{prefix}: running")
-        result = run(train_command(planned, data_dir), check=False)
+        result = run(train_command(planned, data_dir), check=False, cwd=root)
         if result.returncode != 0:
             raise ReproduceError(
                 f"{planned.flag_file} (seed {planned.seed}) failed with exit code "

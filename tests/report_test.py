@@ -42,10 +42,18 @@ STEPS = [
 ]
 
 
+def _networks(config):
+    """The networks a run of `config` evaluates (runs without `method`: GAL)."""
+    method = config.get("method", "gal")
+    if method == "gal":
+        return report.NETWORKS
+    return ("net",) if method == "ce" else ("net1", "net2", "joint")
+
+
 def _summary(config, reported, **networks):
     """summary.json with (best, last) per network; unnamed ones get (50, 40)."""
     summary = {"reported_network": reported, "dataset": config["dataset"]}
-    for net in report.NETWORKS:
+    for net in _networks(config):
         best, last = networks.get(net, (50.0, 40.0))
         summary[net] = {"best": best, "last": last, "best_minus_last": best - last}
     return summary
@@ -53,19 +61,28 @@ def _summary(config, reported, **networks):
 
 def write_run(root, name, summary=True, steps=True, history=None, **config):
     """A run directory as `galkeras.train` leaves it. `summary` is True (made up
-    from `summary_networks`), a dict, or None for an unfinished run."""
+    from `summary_networks`), a dict, or None for an unfinished run. Without a
+    `method`, the run is GAL's, as runs made before `--method` are."""
     networks = config.pop("summary_networks", {})
     config = {**CONFIG, **config}
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(config))
+    method = config.get("method", "gal")
     if summary is True:
         reported = "student" if config["train_student"] else "joint"
         if config["warmup_epochs"] >= config["epochs"] and not config["train_student"]:
             reported = "twin_a"
+        if method != "gal":
+            reported = _networks(config)[0]
         summary = _summary(config, reported, **networks)
     if summary is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary))
+    if history is None and method != "gal":
+        # A peer's history holds its own networks' columns instead of GAL's.
+        history = {k: v for k, v in HISTORY.items() if not k.startswith("val_")}
+        for gal_net, net in zip(("twin_a", "twin_b", "joint"), _networks(config)):
+            history[f"val_{net}_accuracy"] = HISTORY[f"val_{gal_net}_accuracy"]
     history = HISTORY if history is None else history
     with open(run_dir / "history.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -142,13 +159,17 @@ def test_table_in_table_1_layout_with_mean_std_and_missing_cells(tmp_path):
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 | | Best† | Last | B−L | Last10 | Best† | Last | B−L | Last10 | Best† | Last | B−L | Last10 | Best† | Last | B−L | Last10 |
 | Cross Entropy | 86.8 | 82.7 | 4.1 | 66.7 | – | – | – | – | – | – | – | – | – | – | – | – |
+| ↳ paper | 86.8 | 82.7 | 4.1 | – | 79.4 | 57.9 | 21.5 | – | 85.0 | 72.3 | 12.7 | – | – | – | – | – |
 | GAL | 93.7 ± 0.1 | 93.5 ± 0.0 | 0.2 ± 0.1 | 58.3 ± 0.0 | 90.5 | 90.1 | 0.4 | 58.3 | – | – | – | – | 74.0 | 73.0 | 1.0 | 58.3 |
+| ↳ paper | 93.7 | 93.5 | 0.2 | – | 90.5 | 90.1 | 0.4 | – | 91.6 | 91.2 | 0.4 | – | – | – | – | – |
 | GAL (sampling=random) | – | – | – | – | – | – | – | – | 91.6 | 91.2 | 0.4 | 58.3 | – | – | – | – |
 | GAL (τ=0.6) | – | – | – | – | 89.0 | 88.0 | 1.0 | 58.3 | – | – | – | – | – | – | – | – |
 
 † Best is test-selected: the test accuracy at the epoch of best test accuracy, which no practitioner can choose.
 
-Test accuracy (%) of the network each method reports (GAL: θC; Cross Entropy: θA; θA+θB: their joint prediction), at its best epoch (Best) and last epoch (Last), and the mean over its last 10 epochs (Last10). a ± b: mean ± std over the runs of a cell.
+↳ paper: the paper's Table 1 (Yan et al., Applied Sciences 2023) for the method above: Best, Last and Best−Last as printed there (its Best is test-selected too; it reports no Last10 or Selected). The paper names its peers' backbone (PreAct ResNet-18) but not their training recipe; galkeras trains every method under GAL's protocol (§4.1.2).
+
+Test accuracy (%) of the network each method reports (GAL: θC; Cross Entropy: its one network, or θA of a GAL run that is cross entropy; Co-teaching, Co-teaching+, JoCoR: net 1; θA+θB: their joint prediction), at its best epoch (Best) and last epoch (Last), and the mean over its last 10 epochs (Last10). a ± b: mean ± std over the runs of a cell.
 
 Model selection:
 - gal_c1m (GAL, Clothing1M): test at best validation epoch 7: 73.6 (validation 70.1).
@@ -175,8 +196,122 @@ def test_table_shows_last10_and_selected_from_the_summaries(tmp_path):
         lines[3]
         == "| GAL | 93.6 | 93.5 | 0.1 | 93.2 | 93.4 | 50.0 | 40.0 | 10.0 | 58.3 | – |"
     )
-    assert "† Best is test-selected" in lines[5]
+    assert lines[4] == "| ↳ paper | 93.7 | 93.5 | 0.2 | – | – |" + (
+        " 90.5 | 90.1 | 0.4 | – | – |"
+    )
+    assert "† Best is test-selected" in lines[6]
     assert "Selected: at the epoch of its best accuracy on the noisy held-out" in text
+
+
+def test_table_1_with_every_method_beside_the_papers_numbers(tmp_path):
+    # A GAL run made before --method (no "method" key), a --method=ce run, two
+    # peers, and a peer whose own flag splits its row; the peers' summaries
+    # hold net1, net2 and joint (CE's only net), not GAL's four networks.
+    paths = [
+        write_run(tmp_path, "gal", summary_networks={"student": (93.0, 92.0)}),
+        write_run(tmp_path, "ce", method="ce", summary_networks={"net": (85.0, 80.0)}),
+        write_run(
+            tmp_path,
+            "coteaching",
+            method="coteaching",
+            summary_networks={"net1": (88.0, 87.0), "net2": (99.0, 99.0)},
+        ),
+        # λ is set per setting in Table 1, so it does not split JoCoR's row.
+        write_run(
+            tmp_path,
+            "jocor",
+            method="jocor",
+            co_lambda=0.65,
+            summary_networks={"net1": (90.0, 89.5), "joint": (99.0, 99.0)},
+        ),
+        write_run(tmp_path, "plus_tk5", method="coteaching_plus", num_gradual=5),
+    ]
+    runs = [report.load_run(p) for p in paths]
+    assert [report.method_label(r) for r in runs] == [
+        "GAL",
+        "Cross Entropy",
+        "Co-teaching",
+        "JoCoR",
+        "Co-teaching+ (num_gradual=5)",
+    ]
+    assert [r.reported_network for r in runs] == [
+        "student",
+        "net",
+        "net1",
+        "net1",
+        "net1",
+    ]
+    table = report.table_markdown(runs, paper_methods=True).splitlines()
+    # Last10: θC's and net 1's history means (58.3 and 66.7), CE's net 66.7.
+    assert table[:17] == [
+        "| Method | CIFAR-10 Sym 20% | | | |",
+        "|---|---|---|---|---|",
+        "| | Best† | Last | B−L | Last10 |",
+        "| Cross Entropy | 85.0 | 80.0 | 5.0 | 66.7 |",
+        "| ↳ paper | 86.8 | 82.7 | 4.1 | – |",
+        "| MentorNet | – | – | – | – |",
+        "| ↳ paper | 86.6 | 85.2 | 1.4 | – |",
+        "| Co-teaching | 88.0 | 87.0 | 1.0 | 66.7 |",
+        "| ↳ paper | 87.9 | 86.5 | 1.4 | – |",
+        "| Co-teaching+ | – | – | – | – |",
+        "| ↳ paper | 89.5 | 88.2 | 1.3 | – |",
+        "| Co-teaching+ (num_gradual=5) | 50.0 | 40.0 | 10.0 | 66.7 |",
+        "| JoCoR | 90.0 | 89.5 | 0.5 | 66.7 |",
+        "| ↳ paper | 90.2 | 88.9 | 1.1 | – |",
+        "| Co-learning | – | – | – | – |",
+        "| ↳ paper | 93.1 | 92.5 | 0.6 | – |",
+        "| GAL | 93.0 | 92.0 | 1.0 | 58.3 |",
+    ]
+    assert table[17] == "| ↳ paper | 93.7 | 93.5 | 0.2 | – |"
+    text = "\n".join(table)
+    assert "Rows of – are methods without a run here (MentorNet, Co-teaching+, " in text
+    assert "galkeras does not implement MentorNet and Co-learning." in text
+    # Without `paper_methods`, only the methods run get the paper's line.
+    short = report.table_markdown(runs).splitlines()
+    assert "| MentorNet | – | – | – | – |" not in short
+    assert short[3:5] == table[3:5]
+    assert "Rows of –" not in "\n".join(short)
+    # Outside Table 1's settings there is nothing of the paper's to show.
+    animal = report.load_run(
+        write_run(
+            tmp_path, "animal", method="ce", dataset="animal10n", noise_type="none"
+        )
+    )
+    assert report.PAPER_LINE not in report.table_markdown([animal], paper_methods=True)
+    # A peer's curves are its own networks', without GAL's warm-up line.
+    lines = {
+        line.get_gid(): line for line in report.accuracy_figure(runs[3]).axes[0].lines
+    }
+    assert {"net1", "net2", "joint"} <= set(lines) and "warmup" not in lines
+    np.testing.assert_allclose(lines["net1"].get_ydata(), [50, 80, 70])
+    assert lines["joint"].get_label().startswith("joint (net 1+net 2)")
+
+
+def test_load_run_requires_the_reported_network_of_a_peer(tmp_path):
+    summary = {"reported_network": "net1", "net2": {"best": 1, "last": 1}}
+    path = write_run(tmp_path, "jocor", method="jocor", summary=summary)
+    with pytest.raises(ValueError, match="summary.json lacks the net1 accuracies"):
+        report.load_run(path)
+    # GAL's four networks are still required of a GAL run.
+    gal = _summary(CONFIG, "student")
+    del gal["twin_b"]
+    with pytest.raises(ValueError, match="lacks the twin_b accuracies"):
+        report.load_run(write_run(tmp_path, "gal", summary=gal))
+
+
+def test_paper_table_1_has_every_setting_and_best_minus_last():
+    # The hand-typed numbers hold together: 7 methods x 7 settings, less
+    # MentorNet's asymmetric cell, and Best−Last is Best − Last except where the
+    # paper itself prints otherwise (JoCoR, CIFAR-10 Sym 20%: 1.1, not 1.3).
+    assert len(report.PAPER_TABLE1) == 48
+    off = {
+        key
+        for key, (best, last, gap) in report.PAPER_TABLE1.items()
+        if f"{best - last:.1f}" != f"{gap:.1f}"
+    }
+    assert off == {("JoCoR", report.Setting("cifar10", "sym", 0.2))}
+    for method in report.PAPER_TABLE1_METHODS:
+        assert method in report.METHOD_ORDER
 
 
 def test_method_labels_of_the_twin_ablations(tmp_path):
@@ -262,9 +397,11 @@ def test_tau_figure_plots_joint_best_and_last_sorted_by_tau(tmp_path):
         write_run(tmp_path, "t0", tau=0.0, summary_networks={"joint": (80, 60)}),
         write_run(tmp_path, "t4", tau=0.4, summary_networks={"joint": (90, 89)}),
         write_run(tmp_path, "asym", tau=0.4, noise_type="asym", noise_rate=0.4),
-        # Not τ's business: cross entropy and ungated twins.
+        # Not τ's business: cross entropy, ungated twins, and the peers (whose
+        # configs carry GAL's default update rule and τ, unused).
         write_run(tmp_path, "ce", warmup_epochs=3, **twins),
         write_run(tmp_path, "all", update_rule="all", **twins),
+        write_run(tmp_path, "jocor", method="jocor", noise_rate=0.5),
     ]
     fig = report.tau_figure([report.load_run(p) for p in runs])
     assert [ax.get_title() for ax in fig.axes] == [

@@ -1,6 +1,8 @@
 """Flag files and `galkeras.reproduce`: every file parses and is documented,
-representative files dry-run, and an experiment of two tiny runs yields its table."""
+Table 1's method files add only their own flags to a shared base, representative
+files dry-run, and an experiment of two tiny runs yields its table."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -10,17 +12,54 @@ import tempfile
 import pytest
 
 from galkeras import reproduce, train
-from galkeras.report import load_run, table_markdown
+from galkeras.report import PAPER_TABLE1, Setting, load_run, table_markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS_DIR = os.path.join(REPO, "flags")
-FLAG_FILES = sorted(glob.glob(os.path.join(FLAGS_DIR, "**", "*.flags"), recursive=True))
+ALL_FLAG_FILES = glob.glob(os.path.join(FLAGS_DIR, "**", "*.flags"), recursive=True)
+# A base file holds a protocol that method files include; it is never run.
+BASE_FILES = sorted(p for p in ALL_FLAG_FILES if f"{os.sep}base{os.sep}" in p)
+FLAG_FILES = sorted(set(ALL_FLAG_FILES) - set(BASE_FILES))
+TABLE1_METHODS = {
+    "": "gal",
+    "_ce": "ce",
+    "_coteaching": "coteaching",
+    "_coteaching_plus": "coteaching_plus",
+    "_jocor": "jocor",
+}
+TABLE1_SETTINGS = {
+    "cifar10_sym20": Setting("cifar10", "sym", 0.2),
+    "cifar10_sym50": Setting("cifar10", "sym", 0.5),
+    "cifar10_sym80": Setting("cifar10", "sym", 0.8),
+    "cifar10_asym40": Setting("cifar10", "asym", 0.4),
+    "cifar100_sym20": Setting("cifar100", "sym", 0.2),
+    "cifar100_sym50": Setting("cifar100", "sym", 0.5),
+    "cifar100_sym80": Setting("cifar100", "sym", 0.8),
+}
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch):
+    """Flag files include others by paths relative to the repository root,
+    where the README runs every command."""
+    monkeypatch.chdir(REPO)
+
+
+def _config(name, **overrides):
+    return train.config_from_flagfile(os.path.join(FLAGS_DIR, name), **overrides)
+
+
+def _header(path):
+    with open(path) as f:
+        return "".join(line for line in f if line.startswith("#"))
 
 
 @pytest.mark.parametrize(
     "path", FLAG_FILES, ids=[os.path.relpath(p, FLAGS_DIR) for p in FLAG_FILES]
 )
-def test_every_flag_file_parses_and_says_how_long_and_what_to_expect(path):
+def test_every_flag_file_parses_and_says_how_long_and_what_to_expect(
+    path, at_repo_root
+):
     config = train.config_from_flagfile(path)
     assert train.config_problems(config) == []
     with open(path) as f:
@@ -30,15 +69,101 @@ def test_every_flag_file_parses_and_says_how_long_and_what_to_expect(path):
     assert "runtime" in text and ("Paper" in text or "Not a paper" in text)
 
 
+@pytest.mark.parametrize(
+    "path", BASE_FILES, ids=[os.path.relpath(p, FLAGS_DIR) for p in BASE_FILES]
+)
+def test_every_base_file_says_it_is_included_and_sets_no_methods_flag(path):
+    header = _header(path)
+    assert f"--flagfile={os.path.relpath(path, REPO)}" in header
+    assert "Not run by itself" in header
+    config = train.config_from_flagfile(path)
+    method_flags = {f for flags in train.METHOD_FLAGS.values() for f in flags}
+    default = train.TrainConfig()
+    assert config.method == "gal"  # the default: the base names no method
+    assert {
+        f for f in method_flags if getattr(config, f) != getattr(default, f)
+    } == set()
+
+
 def test_every_experiment_resolves_and_every_paper_file_belongs_to_one():
     used = set()
     for experiment in reproduce.EXPERIMENTS:
         used.update(reproduce.experiment_files(experiment, FLAGS_DIR))
     paper_files = {p for p in FLAG_FILES if not p.endswith("quickstart.flags")}
     assert paper_files == used
+    assert not used & set(BASE_FILES)
 
 
-def test_flag_files_hold_the_papers_settings():
+def test_table_1_runs_every_method_on_its_settings_base(at_repo_root):
+    files = reproduce.experiment_files("table1", FLAGS_DIR)
+    expected = {
+        os.path.join(FLAGS_DIR, "table1", f"{setting}{suffix}.flags")
+        for setting in TABLE1_SETTINGS
+        for suffix in TABLE1_METHODS
+    }
+    assert set(files) == expected and len(files) == 35
+    for setting, (dataset, noise_type, rate) in TABLE1_SETTINGS.items():
+        base_name = f"table1/base/{setting}.flags"
+        base = _config(base_name)
+        assert (base.dataset, base.noise_type, base.noise_rate) == (
+            dataset,
+            noise_type,
+            rate,
+        )
+        for suffix, method in TABLE1_METHODS.items():
+            path = os.path.join(FLAGS_DIR, "table1", f"{setting}{suffix}.flags")
+            config = train.config_from_flagfile(path)
+            assert config.method == method, path
+            with open(path) as f:
+                assert f"--flagfile=flags/{base_name}\n" in f.read(), path
+            # Only the method's own flags differ from the shared base.
+            changed = {
+                field.name
+                for field in dataclasses.fields(config)
+                if getattr(config, field.name) != getattr(base, field.name)
+            }
+            assert changed <= {"method", *train.METHOD_FLAGS[method]}, path
+            # Everything of the method's own is allowed: no refused flag.
+            assert train.method_flag_problems(config) == [], path
+            # The forget rate is the default: the noise rate, r/2 for asym.
+            assert config.forget_rate is None
+            if method != "gal" and method != "ce":
+                expected_rate = rate / 2 if noise_type == "asym" else rate
+                assert train.method_forget_rate(config) == expected_rate
+            label = {
+                "gal": "GAL",
+                "ce": "Cross Entropy",
+                "coteaching": "Co-teaching",
+                "coteaching_plus": "Co-teaching+",
+                "jocor": "JoCoR",
+            }[method]
+            best, last, _ = PAPER_TABLE1[(label, Setting(dataset, noise_type, rate))]
+            assert f"Paper (Table 1, {label}, best / last): {best} / {last}." in (
+                _header(path)
+            ), path
+        plus = _config(f"table1/{setting}_coteaching_plus.flags")
+        jocor = _config(f"table1/{setting}_jocor.flags")
+        # Co-teaching+'s official init_epoch, JoCoR's recommended λ.
+        assert plus.init_epoch == (20 if dataset == "cifar10" else 5)
+        assert jocor.co_lambda == (
+            0.85 if dataset == "cifar100" else 0.65 if rate == 0.8 else 0.9
+        )
+
+
+def test_cross_entropy_is_method_ce_wherever_it_is_meant(at_repo_root):
+    # Table 4 takes Table 1's CIFAR-10 CE runs; Table 2 has its own.
+    ce_files = [
+        f for f in reproduce.experiment_files("table4", FLAGS_DIR) if "_ce" in f
+    ] + [os.path.join(FLAGS_DIR, "table2", "animal10n_ce.flags")]
+    assert len(ce_files) == 5
+    for path in ce_files:
+        config = train.config_from_flagfile(path)
+        assert config.method == "ce" and train.reported_network(config) == "net"
+        assert config.warmup_epochs == train.TrainConfig().warmup_epochs, path
+        assert config.train_student, path  # no GAL flag is set
+
+
+def test_flag_files_hold_the_papers_settings(at_repo_root):
     gal = train.config_from_flagfile(
         os.path.join(FLAGS_DIR, "table1/cifar10_sym50.flags")
     )
@@ -93,12 +218,16 @@ def test_flag_files_hold_the_papers_settings():
         ("table1/cifar10_sym50.flags", {}),
         ("table2/animal10n_ce.flags", {}),
         ("table4/cifar10_sym80_random.flags", {}),
-        ("cifar_n/cifar100n.flags", {}),
+        ("table1/cifar100_sym80_jocor.flags", {}),
     ],
 )
-def test_representative_flag_files_dry_run(name, overrides, tmp_path, monkeypatch):
+def test_representative_flag_files_dry_run(
+    name, overrides, tmp_path, monkeypatch, at_repo_root
+):
     # A dry run takes 10-30 s per file on 2 CPU cores (ResNet-50's, 75 s), so
-    # one file per distinct (dataset, backbone, update rule, θC) path runs here;
+    # one file per distinct path runs here: GAL (PreAct ResNet-18), cross
+    # entropy (ResNet-34), GAL's random rule without θC (a file two includes
+    # deep), and a two-network peer on CIFAR-100;
     # `python -m galkeras.reproduce --table=N --dry_run` runs them all. The
     # ResNet-50 / Clothing1M path is covered by backbones_test (the networks)
     # and clothing1m_test (a whole run on on-disk images).
@@ -118,32 +247,35 @@ def test_representative_flag_files_dry_run(name, overrides, tmp_path, monkeypatc
     )
 
 
-TINY = """# Tiny {kind} run for the reproduce test.
-#   python -m galkeras.train --flagfile={path}
-# runtime: seconds. Not a paper setting.
+TINY_BASE = """# Tiny protocol shared by the reproduce test's runs; not run by itself.
 --dataset=digits
 --noise_type=sym
 --noise_rate=0.5
 --backbone=small_cnn
 --backbone_width=4
 --epochs=2
---warmup_epochs={warmup}
 --lr_decay_epochs=
 --batch_size=64
---{student}train_student
+"""
+TINY = """# Tiny {kind} run for the reproduce test.
+#   python -m galkeras.train --flagfile={path}
+# runtime: seconds. Not a paper setting.
+--flagfile=flags/table1/base/digits_sym50.flags
+{own}
 """
 
 
 def _tiny_flags(flags_dir):
-    os.makedirs(flags_dir / "table1")
-    for name, kind, warmup, student in (
-        ("digits_sym50", "GAL", 1, ""),
-        ("digits_sym50_ce", "CE", 2, "no"),
+    """Table 1 as the repository lays it out: a base, and method files that
+    include it by a path relative to the flags directory's parent."""
+    os.makedirs(flags_dir / "table1" / "base")
+    (flags_dir / "table1" / "base" / "digits_sym50.flags").write_text(TINY_BASE)
+    for name, kind, own in (
+        ("digits_sym50", "GAL", "--warmup_epochs=1"),
+        ("digits_sym50_ce", "CE", "--method=ce"),
     ):
         path = flags_dir / "table1" / f"{name}.flags"
-        path.write_text(
-            TINY.format(kind=kind, path=path, warmup=warmup, student=student)
-        )
+        path.write_text(TINY.format(kind=kind, path=path, own=own))
 
 
 @pytest.mark.large
@@ -157,9 +289,10 @@ def test_reproduce_runs_then_skips_and_writes_the_table(tmp_path, monkeypatch):
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
-    def run(command, check):
+    def run(command, check, cwd):
+        assert cwd == str(tmp_path)  # the parent of the flags directory
         return subprocess.run(
-            command, check=check, env=env, cwd=tmp_path, capture_output=True, text=True
+            command, check=check, env=env, cwd=cwd, capture_output=True, text=True
         )
 
     written = reproduce.reproduce("table1", run=run, **kwargs)
@@ -172,10 +305,10 @@ def test_reproduce_runs_then_skips_and_writes_the_table(tmp_path, monkeypatch):
         for name in ("digits_sym50", "digits_sym50_ce")
     }
     table = open(table_path).read()
-    # The cells are the summaries' numbers: θC for GAL, θA for cross entropy.
+    # The cells are the summaries' numbers: θC for GAL, CE's one network.
     gal, ce = (
         summaries["digits_sym50"]["student"],
-        summaries["digits_sym50_ce"]["twin_a"],
+        summaries["digits_sym50_ce"]["net"],
     )
 
     def row(label, r):
@@ -188,13 +321,14 @@ def test_reproduce_runs_then_skips_and_writes_the_table(tmp_path, monkeypatch):
     # Finished runs are skipped: the runner must not be called again.
     lines = []
 
-    def must_not_run(command, check):
+    def must_not_run(command, check, cwd):
         raise AssertionError(f"ran {command}")
 
     reproduce.reproduce("table1", run=must_not_run, log=lines.append, **kwargs)
     assert sum("finished earlier, skipped" in line for line in lines) == 2
     assert open(table_path).read() == table_markdown(
-        [load_run(str(tmp_path / "runs" / "table1" / f"{n}_s0")) for n in summaries]
+        [load_run(str(tmp_path / "runs" / "table1" / f"{n}_s0")) for n in summaries],
+        paper_methods=True,
     )
 
 
@@ -210,7 +344,7 @@ def test_unfinished_run_and_failing_run_are_refused_by_name(tmp_path, monkeypatc
     os.makedirs(stuck)
     (stuck / "history.csv").write_text("epoch\n0\n")
 
-    def must_not_run(command, check):
+    def must_not_run(command, check, cwd):
         raise AssertionError("no run may start")
 
     with pytest.raises(reproduce.ReproduceError, match="digits_sym50_ce_s0"):
@@ -224,7 +358,43 @@ def test_unfinished_run_and_failing_run_are_refused_by_name(tmp_path, monkeypatc
     with pytest.raises(
         reproduce.ReproduceError, match=r"digits_sym50\.flags .* exit code 2"
     ):
-        reproduce.reproduce("table1", run=lambda c, check: Failed(), **kwargs)
+        reproduce.reproduce("table1", run=lambda c, check, cwd: Failed(), **kwargs)
+
+
+def test_runs_start_in_the_repository_root_with_absolute_paths(tmp_path, monkeypatch):
+    # From any directory: each run's nested `--flagfile=flags/...` lines must
+    # resolve, so it starts in the parent of the flags directory, and the paths
+    # it is given (which were relative to the caller's directory) are absolute.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        reproduce, "EXPERIMENTS", {"table1": ("table1/cifar10_sym50*.flags",)}
+    )
+    started = []
+
+    class Finished:
+        returncode = 0
+
+    def run(command, check, cwd):
+        assert cwd == REPO
+        args = dict(a[2:].split("=", 1) for a in command if a.startswith("--"))
+        assert all(
+            os.path.isabs(args[k]) for k in ("flagfile", "model_dir", "export_dir")
+        )
+        assert args["data_dir"] == str(tmp_path / "data")
+        with reproduce.working_directory(cwd):
+            started.append(train.config_from_flagfile(args["flagfile"]).method)
+        return Finished()
+
+    monkeypatch.setattr("galkeras.report.write_experiment", lambda *args: ["table.md"])
+    reproduce.reproduce(
+        "table1",
+        flags_dir=os.path.relpath(FLAGS_DIR),
+        runs_dir="runs",
+        data_dir="data",
+        run=run,
+        log=lambda line: None,
+    )
+    assert started == ["gal", "ce", "coteaching", "coteaching_plus", "jocor"]
 
 
 def test_cli_refuses_bad_requests_with_exit_2(tmp_path):
