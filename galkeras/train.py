@@ -528,13 +528,17 @@ def run(config):
 
 def dry_run_config(config):
     """The config of a dry run: one warm-up step, then (when the run has an
-    agreement phase) one agreement step, on one batch of at most
-    `DRY_RUN_BATCH` stand-in images (the code paths do not depend on the batch
-    size, and a dry run should take seconds)."""
-    agreement = config.warmup_epochs < config.epochs
+    agreement phase) one agreement step (a peer: two steps; Co-teaching+ one of
+    each of its phases), on one batch of at most `DRY_RUN_BATCH` stand-in images
+    (the code paths do not depend on the batch size, and a dry run should take
+    seconds)."""
+    # A peer always gets two epochs (Co-teaching+ changes phase between them).
+    agreement = config.method != "gal" or config.warmup_epochs < config.epochs
     warmup = min(config.warmup_epochs, 1)
     return dataclasses.replace(
         config,
+        # Co-teaching+ reaches its disagreement phase in the second epoch.
+        init_epoch=min(config.init_epoch, 1),
         batch_size=min(config.batch_size, DRY_RUN_BATCH),
         epochs=warmup + 1 if agreement else 1,
         warmup_epochs=warmup if agreement else 1,

@@ -298,3 +298,13 @@ def test_a_peer_run_stopped_mid_epoch_resumes_to_the_same_weights(
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert resumed["net1"] == straight["net1"]
+
+
+def test_a_dry_run_of_coteaching_plus_reaches_its_disagreement_phase():
+    from galkeras import train
+
+    config = train.TrainConfig(method="coteaching_plus", epochs=200, init_epoch=20)
+    dry = train.dry_run_config(config)
+    assert (dry.epochs, dry.init_epoch) == (2, 1)
+    short = train.dry_run_config(train.TrainConfig(method="jocor", epochs=5))
+    assert short.epochs == 2
