@@ -1308,6 +1308,18 @@ def part_memory(settings):
 
 
 # ---------------------------------------------------------------- main
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment():
     def git(*args):
         try:
@@ -1323,6 +1335,8 @@ def environment():
 
     return {
         "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "commit": git("rev-parse", "HEAD"),
