@@ -85,7 +85,7 @@ machine and on whatever else runs on it.
     python benchmarks/performance.py --out=benchmarks/results/performance
     python benchmarks/performance.py --tiny --out=/tmp/performance  # < 2 minutes
     python benchmarks/performance.py --parts=table6 \
-        --out=benchmarks/results/performance_table6  # ~6-10 minutes
+        --out=benchmarks/results/performance_table6  # ~7 minutes on 2 cores
 
 `--parts=step,refresh` runs some parts only.
 """
