@@ -123,7 +123,7 @@ from galkeras.training_set import TrainingSet  # noqa: E402
 PARTS = ("step", "scaling", "refresh", "run", "memory", "table6")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("tiny", False, "Small batch, inputs, nets and counts: < 1 minute.")
+flags.DEFINE_bool("tiny", False, "Small batch, inputs, nets and counts: < 2 minutes.")
 flags.DEFINE_string("out", "", "Directory for the JSON files and tables.md.")
 flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds (parts 1-3).")
