@@ -1,6 +1,6 @@
 """Speed and memory of GAL against cross entropy (CE), on whatever machine runs it.
 
-Five parts. Each prints a Markdown table and, with `--out=DIR`, writes a JSON file
+Six parts. Each prints a Markdown table and, with `--out=DIR`, writes a JSON file
 to DIR (all the tables also go to `DIR/tables.md`, the targets to
 `DIR/summary.json`). Within a part every contender is timed side by side in this
 one process: the contenders take turns over rounds, in reversed order every other
@@ -66,19 +66,39 @@ machine and on whatever else runs on it.
    after the first, minus what was in use before the models were built), and the
    process's peak RSS (VmHWM, building and tracing included) minus its RSS at
    that same point.
+6. `table6` (training_time.json): the paper's Table 6, every method's whole run
+   (`galkeras.train.run`, all that `python -m galkeras.train` does: data, noise,
+   networks, `fit` with per-epoch evaluation and checkpoints, export) on the same
+   small run: N synthetic 32×32×3 images, 10 classes, 50% symmetric noise added
+   by the harness (the paper's CIFAR-10 sym 50%), `small_cnn`, crop+flip, batch
+   128, E = 5 epochs, no learning-rate decay. Each method keeps its defaults,
+   except where the short run would hide a phase: GAL's warm-up is W = 2 < E
+   (80 of the paper's 200 epochs) and Co-teaching+ disagrees from epoch 1 (its
+   `init_epoch`, 20 of 200 in its paper). Every method first runs once untimed
+   (a dry run); then the methods take turns over `--table6_rounds` rounds, the
+   order rotated by one method each round, each run after `clear_session`.
+   Figures are medians over rounds: the whole run's wall time and its ratio to
+   CE (the JSON also keeps each round's own ratio), and the seconds per epoch of
+   `fit` alone (`seconds_per_epoch` of the run's summary: tracing included, the
+   set-up and the export not), beside the paper's hours and ratios on a V100.
 
     python benchmarks/performance.py --out=benchmarks/results/performance
-    python benchmarks/performance.py --tiny --out=/tmp/performance  # < 1 minute
+    python benchmarks/performance.py --tiny --out=/tmp/performance  # < 2 minutes
+    python benchmarks/performance.py --parts=table6 \
+        --out=benchmarks/results/performance_table6  # ~7 minutes on 2 cores
 
 `--parts=step,refresh` runs some parts only.
 """
 
 import concurrent.futures
 import dataclasses
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -86,17 +106,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
-from galkeras import agreement, augment, backbones, optimizers, sampling  # noqa: E402
+from galkeras import (  # noqa: E402
+    agreement,
+    augment,
+    backbones,
+    optimizers,
+    sampling,
+    train,
+)
 from galkeras.gated_update import GatedUpdate  # noqa: E402
 from galkeras.model import GAL  # noqa: E402
 from galkeras.training_set import TrainingSet  # noqa: E402
 
-PARTS = ("step", "scaling", "refresh", "run", "memory")
+PARTS = ("step", "scaling", "refresh", "run", "memory", "table6")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("tiny", False, "Small batch, inputs, nets and counts: < 1 minute.")
+flags.DEFINE_bool("tiny", False, "Small batch, inputs, nets and counts: < 2 minutes.")
 flags.DEFINE_string("out", "", "Directory for the JSON files and tables.md.")
 flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
 flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds (parts 1-3).")
@@ -104,6 +131,9 @@ flags.DEFINE_integer("steps", 30, "Timed small-CNN steps per contender per round
 flags.DEFINE_integer("resnet_steps", 8, "Timed ResNet steps per contender per round.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed calls per contender per round.")
 flags.DEFINE_integer("run_rounds", 2, "Interleaved rounds of whole runs (part 4).")
+flags.DEFINE_integer(
+    "table6_rounds", 3, "Rotated rounds of every method's whole run (part 6)."
+)
 flags.DEFINE_string("memory_probe", "", "Internal: one part-5 measurement (JSON).")
 flags.register_validator(
     "parts", lambda parts: set(parts) <= set(PARTS), f"--parts must be in {PARTS}."
@@ -143,6 +173,25 @@ TARGETS = {
     "agreement_scaling_slope": 1.0,
 }
 PAPER_GAL_OVER_CE = 2.43  # Table 6: GAL 5.1 h / CE 2.1 h, CIFAR-10 sym50, one V100
+# Table 6: total training time in hours, CIFAR-10 with 50% symmetric noise, one
+# V100. galkeras has no Co-learning: its row is the paper's alone.
+PAPER_TABLE6_HOURS = {
+    "ce": 2.1,
+    "coteaching": 4.3,
+    "coteaching_plus": 4.3,
+    "jocor": 4.4,
+    "colearning": 5.2,
+    "gal": 5.1,
+}
+TABLE6_METHODS = ("ce", "coteaching", "coteaching_plus", "jocor", "gal")
+METHOD_LABELS = {
+    "ce": "Cross entropy",
+    "coteaching": "Co-teaching",
+    "coteaching_plus": "Co-teaching+",
+    "jocor": "JoCoR",
+    "colearning": "Co-learning",
+    "gal": "GAL",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +234,15 @@ class Settings:
     memory_backbones: tuple
     memory_contenders: tuple
     memory_steps: int
+    table6_images: int  # training images; the test split has a quarter as many
+    table6_image_shape: tuple
+    table6_width: int  # small_cnn's width; 0: its own
+    table6_batch_size: int
+    table6_epochs: int
+    table6_warmup_epochs: int  # GAL's W
+    table6_init_epoch: int  # Co-teaching+'s first epoch of disagreement
+    table6_rounds: int
+    table6_dry_runs: bool  # an untimed dry run of every method first
 
 
 def settings_from_flags():
@@ -205,6 +263,15 @@ def settings_from_flags():
             memory_backbones=(cnn,),
             memory_contenders=("ce_keras", "gal"),
             memory_steps=2,
+            table6_images=64,
+            table6_image_shape=(8, 8, 3),
+            table6_width=8,
+            table6_batch_size=16,
+            table6_epochs=2,
+            table6_warmup_epochs=1,
+            table6_init_epoch=1,
+            table6_rounds=1,
+            table6_dry_runs=False,
         )
     cifar = (32, 32, 3)
     return Settings(
@@ -233,6 +300,15 @@ def settings_from_flags():
         ),
         memory_contenders=MEMORY_CONTENDERS,
         memory_steps=3,
+        table6_images=2048,
+        table6_image_shape=cifar,
+        table6_width=0,
+        table6_batch_size=128,
+        table6_epochs=5,
+        table6_warmup_epochs=2,
+        table6_init_epoch=1,
+        table6_rounds=FLAGS.table6_rounds,
+        table6_dry_runs=True,
     )
 
 
@@ -1307,7 +1383,208 @@ def part_memory(settings):
     return result, table
 
 
+# -------------------------------------------------------------- part 6
+def table6_dataset(directory, settings):
+    """Writes the runs' data set and returns its `npz:` spec.
+
+    The labels are clean: the harness adds the 50% symmetric noise, as it does
+    to CIFAR-10.
+    """
+    n, shape = settings.table6_images, settings.table6_image_shape
+    images, _, labels = synthetic_data(n, shape, seed=0)
+    test_images, _, test_labels = synthetic_data(
+        max(n // 4, NUM_CLASSES), shape, seed=1
+    )
+    path = os.path.join(directory, "table6.npz")
+    np.savez(
+        path, x_train=images, y_train=labels, x_test=test_images, y_test=test_labels
+    )
+    return f"npz:{path}"
+
+
+def table6_config(settings, method, dataset, run_dir, dry_run=False):
+    """The `TrainConfig` of `method`'s run, writing only under `run_dir`."""
+    options = {}
+    if method == "gal":
+        options["warmup_epochs"] = settings.table6_warmup_epochs
+    if method == "coteaching_plus":
+        options["init_epoch"] = settings.table6_init_epoch
+    return train.TrainConfig(
+        method=method,
+        dataset=dataset,
+        noise_type="sym",
+        noise_rate=0.5,
+        backbone="small_cnn",
+        backbone_width=settings.table6_width,
+        augment="crop_flip",
+        batch_size=settings.table6_batch_size,
+        epochs=settings.table6_epochs,
+        lr_decay_epochs=(),
+        verbose=0,
+        model_dir=os.path.join(run_dir, "run"),
+        export_dir=os.path.join(run_dir, "export"),
+        dry_run=dry_run,
+        **options,
+    )
+
+
+def timed_run(config):
+    """`train.run(config)`'s wall time in seconds, and its summary.
+
+    Each run starts from a cleared Keras session, so that no run inherits the
+    graphs and layer names of those before it.
+    """
+    keras.backend.clear_session()
+    gc.collect()
+    start = time.perf_counter()
+    summary = train.run(config)
+    return time.perf_counter() - start, summary
+
+
+def rotated(names, shift):
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+def part_table6(settings):
+    methods = TABLE6_METHODS
+    walls = {m: [] for m in methods}
+    per_epoch = {m: [] for m in methods}
+    accuracy = {m: [] for m in methods}
+    orders = []
+    directory = tempfile.mkdtemp(prefix="galkeras-table6-")
+    try:
+        dataset = table6_dataset(directory, settings)
+
+        def config(method, run, dry_run=False):
+            run_dir = os.path.join(directory, f"{method}-{run}")
+            return table6_config(settings, method, dataset, run_dir, dry_run)
+
+        if settings.table6_dry_runs:
+            # Pays the process's one-time costs (imports, kernels, first
+            # traces), which would otherwise fall on the first timed run.
+            for method in methods:
+                timed_run(config(method, "warmup", dry_run=True))
+        for r in range(settings.table6_rounds):
+            orders.append(rotated(list(methods), r))
+            for method in orders[-1]:
+                run_config = config(method, r)
+                wall, summary = timed_run(run_config)
+                shutil.rmtree(os.path.dirname(run_config.model_dir))
+                walls[method].append(wall)
+                per_epoch[method].append(summary["seconds_per_epoch"])
+                accuracy[method].append(summary[summary["reported_network"]]["last"])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def over_ce(values):
+        return {
+            m: {
+                "ratio": float(np.median(values[m]) / np.median(values["ce"])),
+                "rounds": [v / c for v, c in zip(values[m], values["ce"])],
+            }
+            for m in methods
+        }
+
+    wall_ratios, epoch_ratios = over_ce(walls), over_ce(per_epoch)
+    paper = {
+        m: {"hours": h, "over_ce": h / PAPER_TABLE6_HOURS["ce"]}
+        for m, h in PAPER_TABLE6_HOURS.items()
+    }
+    result = {
+        "run": {
+            "dataset": "synthetic, learnable (class j brightens a band of rows)",
+            "num_images": settings.table6_images,
+            "test_images": max(settings.table6_images // 4, NUM_CLASSES),
+            "image_shape": settings.table6_image_shape,
+            "noise": "sym 50%, added by galkeras.train",
+            "backbone": "small_cnn",
+            "backbone_width": settings.table6_width,
+            "augment": "crop_flip",
+            "batch_size": settings.table6_batch_size,
+            "epochs": settings.table6_epochs,
+            "gal_warmup_epochs": settings.table6_warmup_epochs,
+            "coteaching_plus_init_epoch": settings.table6_init_epoch,
+            "rounds": settings.table6_rounds,
+            "untimed_dry_runs_first": settings.table6_dry_runs,
+        },
+        "orders": orders,
+        "methods": {
+            m: {
+                "wall_seconds": float(np.median(walls[m])),
+                "wall_rounds": walls[m],
+                "wall_over_ce": wall_ratios[m],
+                "seconds_per_epoch": float(np.median(per_epoch[m])),
+                "seconds_per_epoch_rounds": per_epoch[m],
+                "seconds_per_epoch_over_ce": epoch_ratios[m],
+                "last_test_accuracy_rounds": accuracy[m],
+                "paper_hours": paper[m]["hours"],
+                "paper_over_ce": paper[m]["over_ce"],
+            }
+            for m in methods
+        },
+        "paper": paper,
+    }
+    rows = []
+    for m in PAPER_TABLE6_HOURS:
+        label = METHOD_LABELS[m]
+        if m == "gal":
+            label += f" (W = {settings.table6_warmup_epochs})"
+        if m == "coteaching_plus":
+            label += f" (init_epoch = {settings.table6_init_epoch})"
+        if m not in methods:
+            rows.append([label, "not in galkeras", "–", "–", "–", "–"])
+        else:
+            rows.append(
+                [
+                    label,
+                    fmt_s(result["methods"][m]["wall_seconds"]),
+                    f"{wall_ratios[m]['ratio']:.2f}",
+                    " / ".join(f"{v:.2f}" for v in wall_ratios[m]["rounds"]),
+                    fmt_s(result["methods"][m]["seconds_per_epoch"]),
+                    f"{epoch_ratios[m]['ratio']:.2f}",
+                ]
+            )
+        rows[-1] += [f"{paper[m]['hours']} h", f"{paper[m]['over_ce']:.2f}"]
+    table = markdown(
+        [
+            "method",
+            "whole run",
+            "/ CE",
+            "/ CE, each round",
+            "seconds per epoch (fit)",
+            "/ CE",
+            "paper (V100)",
+            "paper / CE",
+        ],
+        rows,
+    )
+    run = result["run"]
+    table += (
+        f"\n\nEach method's whole `train.run`: {run['num_images']:,} synthetic "
+        f"{'×'.join(map(str, run['image_shape']))} images, 10 classes, sym 50% "
+        f"noise, small_cnn, crop+flip, batch {run['batch_size']}, "
+        f"E = {run['epochs']}, per-epoch test evaluation and checkpoint, export "
+        f"at the end; medians over {run['rounds']} round(s), the order rotated "
+        "each round. Paper: CIFAR-10 sym 50%, PreAct ResNet-18, 200 epochs, one "
+        "V100."
+    )
+    return result, table
+
+
 # ---------------------------------------------------------------- main
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment():
     def git(*args):
         try:
@@ -1323,6 +1600,8 @@ def environment():
 
     return {
         "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "commit": git("rev-parse", "HEAD"),
@@ -1407,6 +1686,15 @@ def summarise(results):
             f"paper: {PAPER_GAL_OVER_CE}",
             "information",
         )
+    for method, entry in results.get("table6", {}).get("methods", {}).items():
+        if method != "ce":
+            add(
+                f"{METHOD_LABELS[method]} / CE whole run (Table 6)",
+                entry["wall_over_ce"]["ratio"],
+                None,
+                f"paper: {entry['paper_over_ce']:.2f}",
+                "information",
+            )
     table = markdown(["figure", "measured", "target", "met", "note"], rows)
     return targets, table
 
@@ -1420,6 +1708,8 @@ def main(argv):
     del argv
     # Every contender has its own train function: TF's retracing warning is noise.
     tf.get_logger().setLevel("ERROR")
+    # Part 6's runs would log each SavedModel export's steps at INFO.
+    logging.set_verbosity(logging.WARNING)
     if FLAGS.memory_probe:
         memory_probe(json.loads(FLAGS.memory_probe))
         return
@@ -1455,6 +1745,11 @@ def main(argv):
             ),
         ),
         "memory": ("memory", "5. Peak memory", lambda: part_memory(settings)),
+        "table6": (
+            "training_time",
+            "6. Training time of every method (the paper's Table 6)",
+            lambda: part_table6(settings),
+        ),
     }
     results, tables = {}, []
     for key in PARTS:
