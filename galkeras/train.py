@@ -464,12 +464,13 @@ def run_name(config, dataset_name):
 
 
 def run(config):
-    """Trains GAL as `config` says and returns the run summary (a dict).
+    """Trains `config.method` as `config` says and returns the run summary (a dict).
 
-    Steps: validate, load the data and make its noisy labels, build the three
-    networks and their optimizers, `GAL.fit` with per-epoch evaluation, then write
+    Steps: validate, load the data and make its noisy labels, build the method's
+    networks and their optimizers, `fit` with per-epoch evaluation, then write
     `summary.json`, the history CSV and the noisy labels to `model_dir`, and export
-    θC as the next SavedModel version under `export_dir`.
+    the reported network (θC for GAL) as the next SavedModel version under
+    `export_dir`.
 
     A `model_dir` holding an unfinished run with the same flags is resumed from
     its latest checkpoint; one holding a finished run is not retrained (the
