@@ -17,8 +17,7 @@ from galkeras.gated_update import (
     GatedUpdate,
     record_nonfinite,
 )
-from galkeras.methods.base import fit_from_step
-from galkeras.training_set import TrainingSet
+from galkeras.methods.base import fit_from_step, training_set_of
 
 ON_NONFINITE = ("stop", "skip_step")
 WARMUP, AGREEMENT = "warmup", "agreement"
@@ -825,29 +824,9 @@ class GAL(keras.Model):
         runs as one shorter Keras epoch (its logged means cover only the steps
         run here); the returned `History` holds both parts.
         """
-        if isinstance(x, tf.data.Dataset):
-            raise TypeError(
-                "GAL.fit takes images and labels (arrays) or a galkeras.TrainingSet, "
-                "not a tf.data.Dataset: CDAS and the pseudo-label refresh need random "
-                "access to the whole training set. Wrap your arrays in "
-                "galkeras.TrainingSet(images, labels, batch_size=..., augment=...)."
-            )
-        for arg in ("steps_per_epoch", "shuffle", "validation_split", "sample_weight"):
-            if kwargs.pop(arg, None) not in (None, True):
-                raise ValueError(f"GAL.fit does not support `{arg}`.")
-        if isinstance(x, TrainingSet):
-            if y is not None or batch_size is not None:
-                raise ValueError(
-                    "Pass labels and batch_size inside the TrainingSet, not to fit()."
-                )
-            training_set = x
-        else:
-            training_set = TrainingSet(
-                x,
-                y,
-                batch_size=batch_size or 32,
-                num_classes=self.student.output_shape[-1],
-            )
+        training_set = training_set_of(
+            x, y, batch_size, self, self.student.output_shape[-1], kwargs
+        )
         if self.optimizer is None:
             raise ValueError("Call GAL.compile(optimizer=...) before fit().")
         self._build_optimizers()
@@ -882,21 +861,18 @@ class GAL(keras.Model):
         self.enter_epoch(initial_epoch)
         self.make_train_function(force=True)
 
-        def keras_fit(first_epoch, last_epoch, steps_per_epoch, first_step):
-            # The driver points the stream at `first_step` itself.
-            return super(GAL, self).fit(
-                dataset,
-                epochs=last_epoch,
-                verbose=verbose,
-                callbacks=[driver, *(callbacks or [])],
-                validation_data=validation_data,
-                initial_epoch=first_epoch,
-                steps_per_epoch=steps_per_epoch,
-                shuffle=False,
-                **kwargs,
-            )
-
-        return fit_from_step(keras_fit, initial_step, epochs, steps)
+        # The driver points the stream at each part's first step itself.
+        return fit_from_step(
+            super().fit,
+            dataset,
+            initial_step,
+            epochs,
+            steps,
+            verbose=verbose,
+            callbacks=[driver, *(callbacks or [])],
+            validation_data=validation_data,
+            **kwargs,
+        )
 
     # --------------------------------------------------------------- config
     def get_config(self):

@@ -4,12 +4,13 @@ Each method is one `keras.Model` subclass over `NoisyLabelMethod`:
 
 - `CE`: one network, plain cross entropy;
 - `CoTeaching` (Han et al., 2018), `CoTeachingPlus` (Yu et al., 2019) and
-  `JoCoR` (Wei et al., 2020): two networks and a small-loss selection.
+  `JoCoR` (Wei et al., 2020): two networks and a small-loss selection, over
+  `SmallLossMethod` (the forget-rate schedule).
 
 GAL itself is `galkeras.GAL`.
 """
 
-from galkeras.methods.base import NoisyLabelMethod
+from galkeras.methods.base import NoisyLabelMethod, SmallLossMethod
 from galkeras.methods.ce import CE
 from galkeras.methods.coteaching import CoTeaching
 from galkeras.methods.coteaching_plus import CoTeachingPlus
@@ -21,4 +22,5 @@ __all__ = [
     "CoTeachingPlus",
     "JoCoR",
     "NoisyLabelMethod",
+    "SmallLossMethod",
 ]

@@ -27,6 +27,7 @@ from galkeras.gated_update import (
     GatedUpdate,
     record_nonfinite,
 )
+from galkeras.methods.small_loss import ForgetRate, num_remember_tensor
 from galkeras.training_set import TrainingSet
 
 ON_NONFINITE = ("stop", "skip_step")
@@ -347,7 +348,10 @@ class NoisyLabelMethod(keras.Model):
         Other arguments are `keras.Model.fit`'s; `steps_per_epoch` is
         ⌈N / batch_size⌉ and `shuffle` is the seeded stream's.
         """
-        training_set = training_set_of(x, y, batch_size, self, kwargs)
+        first = next(iter(self.networks.values()))
+        training_set = training_set_of(
+            x, y, batch_size, self, first.output_shape[-1], kwargs
+        )
         if self.optimizer is None:
             raise ValueError(
                 f"Call {type(self).__name__}.compile(optimizer=...) before fit()."
@@ -376,22 +380,22 @@ class NoisyLabelMethod(keras.Model):
         )
         self.sampler = sampler
 
-        def keras_fit(first_epoch, last_epoch, steps_per_epoch, first_step):
+        def on_part(first_step):
             start["step"] = first_step
             self.run_step.assign(first_step)
-            return super(NoisyLabelMethod, self).fit(
-                dataset,
-                epochs=last_epoch,
-                verbose=verbose,
-                callbacks=[_StopOnNonFinite(self), *(callbacks or [])],
-                validation_data=validation_data,
-                initial_epoch=first_epoch,
-                steps_per_epoch=steps_per_epoch,
-                shuffle=False,
-                **kwargs,
-            )
 
-        return fit_from_step(keras_fit, initial_step, epochs, steps)
+        return fit_from_step(
+            super().fit,
+            dataset,
+            initial_step,
+            epochs,
+            steps,
+            on_part,
+            verbose=verbose,
+            callbacks=[_StopOnNonFinite(self), *(callbacks or [])],
+            validation_data=validation_data,
+            **kwargs,
+        )
 
     # --------------------------------------------------------------- config
     def get_config(self):
@@ -411,54 +415,103 @@ class NoisyLabelMethod(keras.Model):
         return cls(*networks, **config)
 
 
-def fit_from_step(keras_fit, initial_step, epochs, steps):
-    """Runs `keras_fit(first_epoch, last_epoch, steps_per_epoch, first_step)` so
-    that training covers global steps `initial_step` to `epochs * steps`.
+class SmallLossMethod(NoisyLabelMethod):
+    """Base of the two-network peers that keep the small-loss share of each batch
+    (Co-teaching, Co-teaching+, JoCoR): net 1 and net 2, net 1 reported, and the
+    forget-rate schedule (`small_loss.ForgetRate`).
+
+    Args:
+        net1, net2: `keras.Model`s of raw images to logits.
+        forget_rate: τ_f in [0, 1): the noise rate when known.
+        num_gradual: T_k, epochs of the ramp (official: 10).
+        exponent: c of the ramp (official: 1).
+        **kwargs: `NoisyLabelMethod`'s (`on_nonfinite`).
+    """
+
+    NETWORKS = ("net1", "net2")
+    REPORTED = "net1"
+
+    def __init__(self, net1, net2, forget_rate, num_gradual=10, exponent=1, **kwargs):
+        super().__init__(net1, net2, **kwargs)
+        self.forget = ForgetRate(forget_rate, num_gradual, exponent)
+
+    def kept(self, labels, epoch):
+        """`(forget rate, count)` of this epoch for the local batch of `labels`:
+        the float64 rate and the int32 `int((1 - rate) * B)` samples kept."""
+        rate = self.forget(epoch)
+        return rate, num_remember_tensor(rate, tf.shape(labels)[0])
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "forget_rate": self.forget.forget_rate,
+            "num_gradual": self.forget.num_gradual,
+            "exponent": self.forget.exponent,
+        }
+
+
+def fit_from_step(
+    keras_fit, dataset, initial_step, epochs, steps, on_part=None, **fit_kwargs
+):
+    """Keras `fit` (`keras_fit`, a model's inherited `fit`) over `dataset` so that
+    training covers global steps `initial_step` to `epochs * steps`.
 
     Keras' epochs all have one length, so the rest of an epoch a resumed run
     stopped in is a fit of its own; the two `History` objects are merged.
+    `on_part(first_step)` runs before each fit (to point a stream at its step).
     """
     if initial_step < 0:
         raise ValueError(f"initial_step must be >= 0; got {initial_step}.")
+
+    def part(first_epoch, last_epoch, steps_per_epoch, first_step):
+        if on_part is not None:
+            on_part(first_step)
+        return keras_fit(
+            dataset,
+            epochs=last_epoch,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch,
+            shuffle=False,
+            **fit_kwargs,
+        )
+
     first_epoch, done_in_epoch = divmod(int(initial_step), steps)
     if not done_in_epoch:
-        return keras_fit(first_epoch, epochs, steps, first_epoch * steps)
-    history = keras_fit(
-        first_epoch, first_epoch + 1, steps - done_in_epoch, int(initial_step)
-    )
+        return part(first_epoch, epochs, steps, first_epoch * steps)
+    history = part(first_epoch, first_epoch + 1, steps - done_in_epoch, initial_step)
     if first_epoch + 1 >= epochs:
         return history
-    rest = keras_fit(first_epoch + 1, epochs, steps, (first_epoch + 1) * steps)
+    rest = part(first_epoch + 1, epochs, steps, (first_epoch + 1) * steps)
     for key, values in history.history.items():
         rest.history[key] = values + rest.history.get(key, [])
     rest.epoch = history.epoch + rest.epoch
     return rest
 
 
-def training_set_of(x, y, batch_size, method, fit_kwargs):
-    """The `TrainingSet` a method's `fit(x, y, batch_size)` trains on."""
+def training_set_of(x, y, batch_size, method, num_classes, fit_kwargs):
+    """The `TrainingSet` a method's `fit(x, y, batch_size)` trains on: `x` itself
+    when it is one, else arrays `x`, `y` wrapped in one. Refuses a
+    `tf.data.Dataset` and the `fit` arguments that the method's own stream
+    replaces (popped from `fit_kwargs`)."""
+    name = type(method).__name__
     if isinstance(x, tf.data.Dataset):
         raise TypeError(
-            f"{type(method).__name__}.fit takes images and labels (arrays) or a "
-            "galkeras.TrainingSet, not a tf.data.Dataset: it draws its own seeded, "
-            "resumable stream. Wrap your arrays in galkeras.TrainingSet(images, "
-            "labels, batch_size=..., augment=...)."
+            f"{name}.fit takes images and labels (arrays) or a galkeras.TrainingSet, "
+            "not a tf.data.Dataset: it draws its own seeded, resumable stream and "
+            "needs random access to the whole training set. Wrap your arrays in "
+            "galkeras.TrainingSet(images, labels, batch_size=..., augment=...)."
         )
     for arg in ("steps_per_epoch", "shuffle", "validation_split", "sample_weight"):
         if fit_kwargs.pop(arg, None) not in (None, True):
-            raise ValueError(f"{type(method).__name__}.fit does not support `{arg}`.")
+            raise ValueError(f"{name}.fit does not support `{arg}`.")
     if isinstance(x, TrainingSet):
         if y is not None or batch_size is not None:
             raise ValueError(
                 "Pass labels and batch_size inside the TrainingSet, not to fit()."
             )
         return x
-    first = next(iter(method.networks.values()))
     return TrainingSet(
-        np.asarray(x),
-        y,
-        batch_size=batch_size or 32,
-        num_classes=first.output_shape[-1],
+        np.asarray(x), y, batch_size=batch_size or 32, num_classes=num_classes
     )
 
 

@@ -3,13 +3,12 @@
 import keras
 import tensorflow as tf
 
-from galkeras.methods.base import NoisyLabelMethod
+from galkeras.methods.base import SmallLossMethod
 from galkeras.methods.peer_losses import coteaching_losses
-from galkeras.methods.small_loss import ForgetRate, num_remember_tensor
 
 
 @keras.saving.register_keras_serializable(package="galkeras")
-class CoTeaching(NoisyLabelMethod):
+class CoTeaching(SmallLossMethod):
     """Co-teaching (Han et al., NeurIPS 2018; https://github.com/bhanML/Co-teaching).
 
     Both networks see the same batch. Each keeps the `int(R(e) · B)` samples of
@@ -31,9 +30,6 @@ class CoTeaching(NoisyLabelMethod):
         **kwargs: `NoisyLabelMethod`'s (`on_nonfinite`).
     """
 
-    NETWORKS = ("net1", "net2")
-    REPORTED = "net1"
-
     def __init__(
         self,
         net1,
@@ -44,16 +40,14 @@ class CoTeaching(NoisyLabelMethod):
         divide_twice=False,
         **kwargs,
     ):
-        super().__init__(net1, net2, **kwargs)
-        self.forget = ForgetRate(forget_rate, num_gradual, exponent)
+        super().__init__(net1, net2, forget_rate, num_gradual, exponent, **kwargs)
         self.divide_twice = bool(divide_twice)
 
     def train_log_keys(self):
         return ("forget_rate", "net2_loss")
 
     def network_losses(self, logits, labels, ids, epoch):
-        rate = self.forget(epoch)
-        keep = num_remember_tensor(rate, tf.shape(labels)[0])
+        rate, keep = self.kept(labels, epoch)
         loss_1, loss_2, _, _ = coteaching_losses(
             logits["net1"], logits["net2"], labels, keep, self.divide_twice
         )
@@ -63,8 +57,5 @@ class CoTeaching(NoisyLabelMethod):
     def get_config(self):
         return {
             **super().get_config(),
-            "forget_rate": self.forget.forget_rate,
-            "num_gradual": self.forget.num_gradual,
-            "exponent": self.forget.exponent,
             "divide_twice": self.divide_twice,
         }

@@ -6,7 +6,6 @@ import tensorflow as tf
 from galkeras.gated_update import all_replicas_finite
 from galkeras.methods.coteaching import CoTeaching
 from galkeras.methods.peer_losses import coteaching_losses, coteaching_plus_losses
-from galkeras.methods.small_loss import num_remember_tensor
 
 
 @keras.saving.register_keras_serializable(package="galkeras")
@@ -42,11 +41,10 @@ class CoTeachingPlus(CoTeaching):
         return (*super().train_log_keys(), "updated_batches")
 
     def network_losses(self, logits, labels, ids, epoch):
-        rate = self.forget(epoch)
+        rate, keep = self.kept(labels, epoch)
         z1, z2 = logits["net1"], logits["net2"]
 
         def coteaching():
-            keep = num_remember_tensor(rate, tf.shape(labels)[0])
             loss_1, loss_2, _, _ = coteaching_losses(
                 z1, z2, labels, keep, self.divide_twice
             )

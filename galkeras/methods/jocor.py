@@ -3,13 +3,12 @@
 import keras
 import tensorflow as tf
 
-from galkeras.methods.base import NoisyLabelMethod
+from galkeras.methods.base import SmallLossMethod
 from galkeras.methods.peer_losses import jocor_loss
-from galkeras.methods.small_loss import ForgetRate, num_remember_tensor
 
 
 @keras.saving.register_keras_serializable(package="galkeras")
-class JoCoR(NoisyLabelMethod):
+class JoCoR(SmallLossMethod):
     """JoCoR (Wei et al., CVPR 2020; https://github.com/hongxin001/JoCoR).
 
     Per sample `ℓᵢ = (1−λ)[CE(z¹ᵢ) + CE(z²ᵢ)] + λ[KL(p²ᵢ‖p¹ᵢ) + KL(p¹ᵢ‖p²ᵢ)]`;
@@ -28,9 +27,6 @@ class JoCoR(NoisyLabelMethod):
         **kwargs: `NoisyLabelMethod`'s.
     """
 
-    NETWORKS = ("net1", "net2")
-    REPORTED = "net1"
-
     def __init__(
         self,
         net1,
@@ -41,18 +37,16 @@ class JoCoR(NoisyLabelMethod):
         co_lambda=0.9,
         **kwargs,
     ):
-        super().__init__(net1, net2, **kwargs)
+        super().__init__(net1, net2, forget_rate, num_gradual, exponent, **kwargs)
         if not 0.0 <= co_lambda <= 1.0:
             raise ValueError(f"co_lambda must be in [0, 1]; got {co_lambda}.")
-        self.forget = ForgetRate(forget_rate, num_gradual, exponent)
         self.co_lambda = float(co_lambda)
 
     def train_log_keys(self):
         return ("forget_rate",)
 
     def network_losses(self, logits, labels, ids, epoch):
-        rate = self.forget(epoch)
-        keep = num_remember_tensor(rate, tf.shape(labels)[0])
+        rate, keep = self.kept(labels, epoch)
         loss, _ = jocor_loss(
             logits["net1"], logits["net2"], labels, keep, self.co_lambda
         )
@@ -60,10 +54,4 @@ class JoCoR(NoisyLabelMethod):
         return {"net1": loss, "net2": loss}, None, values
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "forget_rate": self.forget.forget_rate,
-            "num_gradual": self.forget.num_gradual,
-            "exponent": self.forget.exponent,
-            "co_lambda": self.co_lambda,
-        }
+        return {**super().get_config(), "co_lambda": self.co_lambda}
