@@ -8,9 +8,10 @@ A checkpoint holds everything a run needs to continue as if never stopped:
 - GAL's own state: the warm-up switch (`twins_split`), loss scales, the
   non-finite counters;
 - the pseudo-label table of the current epoch;
-- the global step. The CDAS plan and the augmentation are pure functions of
-  (seed, step), so the step is the sampler's whole state; the epoch and phase
-  follow from it;
+- the global step: the method's own `run_step`, which its train step advances
+  and which logging reads too. The CDAS plan and the augmentation are pure
+  functions of (seed, step), so the step is the sampler's whole state; the epoch
+  and phase follow from it;
 - the noisy labels, checked on resume against the ones the run makes again.
 
 The flags the run started with are in `<model_dir>/config.json`, written once.
@@ -121,7 +122,9 @@ class RunCheckpoint:
             raise ValueError("Make the pseudo-label table before the checkpoint.")
         self.directory = directory
         self.noisy_labels = np.asarray(noisy_labels, np.int64)
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        # The run step is the method's own variable: restoring sets it, and a
+        # save writes what the train steps made it.
+        self.step = gal.run_step
         self.cdas_fallbacks = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._saved_labels = tf.Variable(self.noisy_labels, trainable=False)
         self.checkpoint = tf.train.Checkpoint(
@@ -360,9 +363,10 @@ def _move_aside(folder, files, tag):
 class CheckpointCallback(keras.callbacks.Callback):
     """Saves the run every epoch, every `every_n_steps` steps if > 0, and on SIGTERM.
 
-    It reads the run's step from `gal.global_step`, which `GAL.fit`'s driver
-    keeps; the driver runs before every other callback, so a step that stopped
-    the run (`NonFiniteError`) is never saved.
+    It reads the run's step from `gal.run_step`, which the train step itself
+    advances, so it needs no other callback to keep a count. A step that
+    stopped the run (`NonFiniteError`) is never saved: the methods' `fit`
+    raises that error from its own callback, which it puts before the caller's.
 
     Args:
         run_checkpoint: the run's `RunCheckpoint`, already restored.
@@ -416,7 +420,6 @@ class CheckpointCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         step, fallbacks = self.gal.global_step, self.cdas_fallbacks()
         # Current before the preemption handler may save through the manager.
-        self.run_checkpoint.step.assign(step)
         self.run_checkpoint.cdas_fallbacks.assign(fallbacks)
         at_epoch_end = step % self.steps_per_epoch == 0  # saved by on_epoch_end
         if self.every_n_steps and not step % self.every_n_steps and not at_epoch_end:

@@ -11,13 +11,15 @@ import tensorflow as tf
 
 from galkeras import agreement, sampling
 from galkeras.distill import pseudo_label_loss
+from galkeras.gal_driver import GALDriver
 from galkeras.gated_update import (
     MASKED_UPDATES,
     DynamicLossScale,
     GatedUpdate,
     record_nonfinite,
 )
-from galkeras.methods.base import fit_from_step, training_set_of
+from galkeras.methods.base import StopOnNonFinite, fit_from_step, training_set_of
+from galkeras.teacher import PseudoLabelTable
 
 ON_NONFINITE = ("stop", "skip_step")
 WARMUP, AGREEMENT = "warmup", "agreement"
@@ -143,6 +145,9 @@ class GAL(keras.Model):
     Memorization of Noisy Labels", Applied Sciences 13(3):1823, 2023.
     """
 
+    NETWORKS = NETWORK_NAMES
+    REPORTED = "student"
+
     def __init__(
         self,
         twin_a,
@@ -238,10 +243,20 @@ class GAL(keras.Model):
             name="nonfinite_networks",
         )
         self.phase = WARMUP
-        # Steps of the run done so far, kept by `fit` (a resumed run included).
-        self.global_step = 0
-        self.pseudo_labels = None
-        self.pseudo_label_stats = {}
+        # Steps of the run done so far (a resumed run included): advanced by the
+        # train step itself, and read by logging and checkpointing. A plain
+        # `tf.Variable`, not a Keras weight, so that `.keras` files keep their
+        # layout; a run's checkpoint holds it (`checkpointing.RunCheckpoint`).
+        with self.distribute_strategy.scope():
+            self.run_step = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                name="run_step",
+            )
+        # θC's teacher: the twins' joint prediction on every training sample.
+        self.teacher = PseudoLabelTable(self.distribute_strategy, epsilon)
         # One `GatedUpdate` per network, made once the optimizers are built.
         self._gated_updates = None
         self._slots = None
@@ -409,6 +424,21 @@ class GAL(keras.Model):
         return self._gated_updates[2]
 
     @property
+    def global_step(self):
+        """The run step as a Python int (what checkpoints and logs are keyed by)."""
+        return int(self.run_step.numpy())
+
+    @property
+    def pseudo_labels(self):
+        """The teacher's `[N, K]` table of `p_joint` (None before it is made)."""
+        return self.teacher.table
+
+    @property
+    def pseudo_label_stats(self):
+        """The latest table's statistics (`teacher.pseudo_label_statistics`)."""
+        return self.teacher.statistics
+
+    @property
     def metrics(self):
         return [
             *self._train_trackers.values(),
@@ -471,13 +501,25 @@ class GAL(keras.Model):
         if skip:
             for variable, old in saved:
                 variable.assign(tf.where(step_ok, variable.read_value(), old))
-        return self._logs(self._train_trackers)
+        self.run_step.assign_add(1)
+        logs = self._logs(
+            {
+                **self._train_trackers,
+                "nonfinite_steps": tf.cast(self.nonfinite_steps, tf.float32),
+            }
+        )
+        # The epoch's table statistics, known since its refresh: every step's
+        # logs carry them, so no callback has to add them.
+        return {**logs, **self._logs(self.teacher.logs())}
 
-    def _logs(self, trackers):
-        """The trackers' results as the step's logs. Under multi-worker
+    def _logs(self, values):
+        """`values` (trackers, or tensors) as the step's logs. Under multi-worker
         training Keras averages them with `reduce(MEAN, axis=0)`, which needs an
         axis: each scalar then travels as a `[1]` vector."""
-        logs = {name: tracker.result() for name, tracker in trackers.items()}
+        logs = {
+            name: v.result() if isinstance(v, keras.metrics.Metric) else v
+            for name, v in values.items()
+        }
         if self.distribute_strategy.extended._in_multi_worker_mode():
             logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
         return logs
@@ -607,7 +649,7 @@ class GAL(keras.Model):
         """θC's step on θA's batch: `L_c + L_d` against the pseudo-label table.
 
         Returns `({"student": fault-free}, update)` (see `train_step`)."""
-        teacher = tf.gather(self.pseudo_labels, ids)
+        teacher = self.teacher.lookup(ids)
         variables = self.student.trainable_variables
         scale = self.student_loss_scale
         with tf.GradientTape() as tape:
@@ -683,57 +725,10 @@ class GAL(keras.Model):
         return tf.nn.softmax(tf.cast(logits, tf.float32))
 
     # ---------------------------------------------------------------- fit
-    def _joint_probabilities_over(self, dataset):
-        """Yields `(ids, p_joint)` NumPy batches over `dataset`'s elements
-        (`{"image", "id"}`), the work spread over the strategy's replicas (and
-        workers). Every batch is gathered from all replicas, so every worker
-        builds the same, complete table."""
-        strategy = self.distribute_strategy
-        if not hasattr(self, "_joint_fn"):
-            self._joint_fn = tf.function(
-                lambda batch: (batch["id"], self.joint_probabilities(batch["image"])),
-                reduce_retracing=True,
-            )
-        if strategy.num_replicas_in_sync == 1:
-            for batch in dataset:
-                ids, batch_probs = self._joint_fn(batch)
-                yield ids.numpy(), batch_probs.numpy()
-            return
-        # One host holds all its replicas' results; across hosts they are
-        # gathered with a collective so that every worker gets every row.
-        multi_worker = strategy.extended._in_multi_worker_mode()
-        if not hasattr(self, "_distributed_joint_fn"):
-
-            @tf.function
-            def distributed(batch):
-                results = strategy.run(self._joint_fn, args=(batch,))
-                if multi_worker:
-                    return tuple(strategy.gather(r, axis=0) for r in results)
-                return results
-
-            self._distributed_joint_fn = distributed
-        for batch in strategy.experimental_distribute_dataset(dataset):
-            ids, batch_probs = self._distributed_joint_fn(batch)
-            if multi_worker:
-                yield ids.numpy(), batch_probs.numpy()
-                continue
-            yield tuple(
-                np.concatenate(
-                    [t.numpy() for t in strategy.experimental_local_results(r)]
-                )
-                for r in (ids, batch_probs)
-            )
-
     def ensure_pseudo_label_table(self, num_examples, num_classes):
         """The `[N, K]` table of `p_joint` θC's steps read, made (zeros) if absent,
         so that a checkpoint can be restored into it before the first refresh."""
-        shape = (int(num_examples), int(num_classes))
-        if self.pseudo_labels is None or tuple(self.pseudo_labels.shape) != shape:
-            with self.distribute_strategy.scope():
-                self.pseudo_labels = tf.Variable(
-                    tf.zeros(shape, tf.float32), trainable=False, name="p_joint"
-                )
-        return self.pseudo_labels
+        return self.teacher.ensure(num_examples, num_classes)
 
     def run_state(self):
         """Every variable a resumed run needs, by group: the three networks (with
@@ -766,30 +761,18 @@ class GAL(keras.Model):
         """Recomputes `p_joint` for every training sample (§3.3, Eq. 6-8).
 
         Runs in inference mode on the un-augmented images and stores the result in
-        the table θC's steps look up by sample id. Also records, in
-        `pseudo_label_stats`: the coverage (share with `max p_joint > epsilon`), the
-        joint prediction's agreement with the annotated labels, and, when clean
-        labels are known, the pseudo-labels' precision and clean accuracy.
+        the table θC's steps look up by sample id. Also records the table's
+        statistics (`teacher.pseudo_label_statistics`): the coverage (share with
+        `max p_joint > epsilon`), the joint prediction's agreement with the
+        annotated labels, and, when clean labels are known, the pseudo-labels'
+        precision and clean accuracy.
         """
-        batch_size = batch_size or max(training_set.batch_size, 256)
-        probs = np.zeros(
-            (training_set.num_examples, training_set.num_classes), np.float32
-        )
-        for ids, batch_probs in self._joint_probabilities_over(
-            sampling.inference_dataset(training_set.images, batch_size)
-        ):
-            probs[ids] = batch_probs
-        self.ensure_pseudo_label_table(*probs.shape).assign(probs)
-        self.record_pseudo_label_statistics(training_set, probs)
-        return probs
-
-    def record_pseudo_label_statistics(self, training_set, probs=None):
-        """Sets `pseudo_label_stats` from `probs` (default: the current table)."""
-        if probs is None:
-            probs = self.pseudo_labels.numpy()
-        self.pseudo_label_stats = pseudo_label_statistics(
-            probs, training_set.labels, training_set.clean_labels, self.epsilon
-        )
+        if not hasattr(self, "_joint_fn"):
+            self._joint_fn = tf.function(
+                lambda batch: (batch["id"], self.joint_probabilities(batch["image"])),
+                reduce_retracing=True,
+            )
+        return self.teacher.refresh(self._joint_fn, training_set, batch_size)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras' pre-fit symbolic build, which GAL does not need: its networks
@@ -849,7 +832,7 @@ class GAL(keras.Model):
                 "A mid-epoch initial_step needs the pseudo-label table of that "
                 "epoch: restore the run's checkpoint before fit()."
             )
-        driver = _GALDriver(self, training_set, sampler, resume_step=initial_step)
+        driver = GALDriver(self, training_set, sampler, resume_step=initial_step)
         dataset = sampling.paired_dataset(
             sampler,
             training_set.images,
@@ -861,7 +844,8 @@ class GAL(keras.Model):
         self.enter_epoch(initial_epoch)
         self.make_train_function(force=True)
 
-        # The driver points the stream at each part's first step itself.
+        # The driver points the stream and the run step at each part's first
+        # step itself (after `BackupAndRestore` has chosen the first epoch).
         return fit_from_step(
             super().fit,
             dataset,
@@ -869,7 +853,7 @@ class GAL(keras.Model):
             epochs,
             steps,
             verbose=verbose,
-            callbacks=[driver, *(callbacks or [])],
+            callbacks=[driver, StopOnNonFinite(self, steps), *(callbacks or [])],
             validation_data=validation_data,
             **kwargs,
         )
@@ -930,100 +914,6 @@ def _dense(gradient, variable):
     if gradient is None:
         return tf.zeros_like(variable.value)
     return tf.convert_to_tensor(gradient)
-
-
-def pseudo_label_statistics(probabilities, labels, clean_labels, epsilon):
-    """Coverage and precision of the pseudo-labels (spec, Evaluation).
-
-    Returns a dict of fractions in [0, 1]: `pseudo_label_coverage` (share with
-    `max p_joint > epsilon`), `train_label_agreement` (argmax p_joint equals the
-    annotated label: how far the twins fit the noisy labels), and with clean labels
-    `pseudo_label_precision` (confident pseudo-labels equal to the clean label) and
-    `train_clean_accuracy`.
-    """
-    predicted = probabilities.argmax(axis=1)
-    confident = probabilities.max(axis=1) > epsilon
-    stats = {
-        "pseudo_label_coverage": float(confident.mean()),
-        "train_label_agreement": float((predicted == labels).mean()),
-    }
-    if clean_labels is not None:
-        correct = predicted == clean_labels
-        stats["pseudo_label_precision"] = (
-            float(correct[confident].mean()) if confident.any() else float("nan")
-        )
-        stats["train_clean_accuracy"] = float(correct.mean())
-    return stats
-
-
-class _GALDriver(keras.callbacks.Callback):
-    """Installed by `GAL.fit`: moves the batch plan, the phase and the table.
-
-    At the start of every epoch it (1) on the first epoch of this `fit`, points the
-    CDAS stream at that epoch's first global step (honouring `initial_epoch` and
-    `BackupAndRestore`), (2) enters the epoch's phase, splitting θB off θA at the
-    warm-up switch, and (3) refreshes the pseudo-label table. At the end of every
-    epoch it adds the pseudo-label statistics to the epoch's logs. `GAL.fit` puts
-    it first among the callbacks, so `CSVLogger`, `ModelCheckpoint` and the others
-    see those statistics.
-    """
-
-    def __init__(self, gal, training_set, sampler, resume_step=0):
-        super().__init__()
-        self._gal = gal
-        self._training_set = training_set
-        self._sampler = sampler
-        self._resume_step = int(resume_step)
-        self._start_step = 0
-        self._started = False
-        self._nonfinite_seen = 0
-
-    def start_step(self):
-        return self._start_step
-
-    def on_train_begin(self, logs=None):
-        # Every Keras fit opens a new CDAS iterator (GAL.fit may run two).
-        self._started = False
-        self._nonfinite_seen = int(self._gal.nonfinite_steps.numpy())
-
-    def on_epoch_begin(self, epoch, logs=None):
-        steps = self._training_set.steps_per_epoch
-        mid_epoch = epoch * steps < self._resume_step < (epoch + 1) * steps
-        first_step = self._resume_step if mid_epoch else epoch * steps
-        if not self._started:
-            self._start_step = first_step
-            self._started = True
-        self.epoch = epoch
-        self._gal.global_step = first_step
-        self._gal.enter_epoch(epoch)
-        self._gal.variable_open_fraction.reset_state()
-        if mid_epoch:
-            # The table was restored with the run: it is this epoch's.
-            self._gal.record_pseudo_label_statistics(self._training_set)
-        else:
-            self._gal.refresh_pseudo_labels(self._training_set)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._gal.global_step += 1
-        if self._gal.on_nonfinite != "stop":
-            return
-        count = int(self._gal.nonfinite_steps.numpy())
-        if count > self._nonfinite_seen:
-            bits = int(self._gal.nonfinite_networks.numpy())
-            steps = self._training_set.steps_per_epoch
-            raise NonFiniteError(
-                epoch=self.epoch + 1,
-                step=self._gal.global_step - self.epoch * steps,
-                steps_per_epoch=steps,
-                global_step=self._gal.global_step,
-                networks=[n for i, n in enumerate(NETWORK_NAMES) if bits >> i & 1],
-            )
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs.update(self._gal.pseudo_label_stats)
-            logs["cdas_fallbacks"] = float(self._sampler.fallback_count)
-            logs["nonfinite_steps"] = float(self._gal.nonfinite_steps.numpy())
 
 
 @keras.saving.register_keras_serializable(package="galkeras")

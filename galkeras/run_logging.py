@@ -64,8 +64,8 @@ class RunLogger(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        # The run's global step, kept by GAL.fit's driver (which runs first);
-        # Keras' batch index restarts in the partial epoch of a resumed run.
+        # The run's global step, which the train step advances; Keras' batch
+        # index restarts in the partial epoch of a resumed run.
         step = self.gal.global_step
         if step % self.every_n_steps:
             return

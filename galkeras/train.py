@@ -380,11 +380,17 @@ def method_flag_problems(config):
         return problems
     if c.forget_rate is not None and not 0.0 <= c.forget_rate < 1.0:
         problems.append(f"--forget_rate={c.forget_rate} must be in [0, 1).")
-    if c.forget_rate is None and c.noise_type in REAL_NOISE_TYPES:
+    if c.forget_rate is None and (
+        c.noise_type in REAL_NOISE_TYPES or c.noise_type == "none"
+    ):
+        # No synthetic noise: the labels are as given (Animal-10N, Clothing1M,
+        # CIFAR-N, your own), so their noise rate is unknown here.
+        kind = "real noise" if c.noise_type != "none" else "the labels as given"
         problems.append(
             f"--method={c.method} needs a forget rate, and --noise_type="
-            f"{c.noise_type} is real noise of unknown rate: pass --forget_rate "
-            "(your estimate of the noise rate, in [0, 1))."
+            f"{c.noise_type} leaves {kind}, of unknown noise rate: pass "
+            "--forget_rate (your estimate of the noise rate, in [0, 1); 0 for "
+            "clean labels)."
         )
     if c.num_gradual < 0:
         problems.append(f"--num_gradual={c.num_gradual} must be >= 0.")
@@ -406,7 +412,7 @@ def method_forget_rate(config):
         return config.forget_rate
     if config.noise_type == "asym":
         return config.noise_rate / 2
-    return 0.0 if config.noise_type == "none" else config.noise_rate
+    return config.noise_rate
 
 
 def dataset_flag_problems(config):

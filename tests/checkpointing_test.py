@@ -200,7 +200,7 @@ def test_a_changed_training_set_is_refused_and_the_checkpoints_left_alone(
     before = sorted(os.listdir(tmp_path))
 
     bigger = _gal(tiny)
-    bigger.pseudo_labels = None
+    bigger.teacher.table = None
     bigger.ensure_pseudo_label_table(20, 3)
     other = checkpointing.RunCheckpoint(bigger, str(tmp_path), np.arange(20) % 3)
     with pytest.raises(checkpointing.TrainingSetChanged) as error:

@@ -255,11 +255,19 @@ def test_flags_of_other_methods_and_bad_forget_rates_are_refused():
     assert not problems(
         method="jocor", dataset="cifar10n", noise_type="worse", forget_rate=0.4
     )
+    # Animal-10N, Clothing1M and a user's own labels train with no synthetic
+    # noise: their noise rate is unknown too.
+    for dataset in ("animal10n", "clothing1m", "folder:/images"):
+        (problem,) = problems(method="coteaching", dataset=dataset, noise_type="none")
+        assert "--noise_type=none leaves the labels as given" in problem
+        assert "pass --forget_rate" in problem
+    assert not problems(method="coteaching", noise_type="none", forget_rate=0.0)
+    assert not problems(method="ce", dataset="animal10n", noise_type="none")
     # The default forget rate: the noise rate, halved for asym.
     rate = train.method_forget_rate
     assert rate(train.TrainConfig(noise_type="sym", noise_rate=0.5)) == 0.5
     assert rate(train.TrainConfig(noise_type="asym", noise_rate=0.4)) == 0.2
-    assert rate(train.TrainConfig(noise_type="none", noise_rate=0.4)) == 0.0
+    assert rate(train.TrainConfig(noise_type="none", forget_rate=0.1)) == 0.1
 
 
 def test_a_peer_run_stopped_mid_epoch_resumes_to_the_same_weights(

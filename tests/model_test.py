@@ -52,7 +52,7 @@ def _state(gal):
 
 def _one_agreement_step(gal, batch):
     gal.enter_epoch(gal.warmup_epochs)
-    gal.pseudo_labels = tf.Variable(tf.fill([12, 3], 1 / 3))
+    gal.ensure_pseudo_label_table(12, 3).assign(tf.fill([12, 3], 1 / 3))
     return tf.function(gal.train_step)(batch)
 
 
@@ -124,7 +124,7 @@ def test_skip_keeps_gated_off_variables_and_slots_bit_identical(make_optimizer):
     gal = _gal(optimizer=make_optimizer(), warmup_epochs=0, train_student=False)
     # Give the optimizers non-zero slots first, so "unchanged" is meaningful.
     gal.enter_epoch(0)
-    gal.pseudo_labels = tf.Variable(tf.fill([12, 3], 1 / 3))
+    gal.ensure_pseudo_label_table(12, 3).assign(tf.fill([12, 3], 1 / 3))
     gal.tau = -1.0  # every gate open for the priming step
     tf.function(gal.train_step)(batch)
     coefficients = _coefficients(gal, batch)
@@ -145,7 +145,7 @@ def test_skip_keeps_gated_off_variables_and_slots_bit_identical(make_optimizer):
             dst.assign(src)
     reference.update_rule = "all"
     reference.enter_epoch(0)
-    reference.pseudo_labels = tf.Variable(tf.fill([12, 3], 1 / 3))
+    reference.ensure_pseudo_label_table(12, 3).assign(tf.fill([12, 3], 1 / 3))
 
     before = _state(gal)
     tf.function(gal.train_step)(batch)
@@ -250,7 +250,7 @@ def test_zero_grad_lets_momentum_and_decay_move_gated_off_variables():
         masked_update="zero_grad",
     )
     gal.enter_epoch(0)
-    gal.pseudo_labels = tf.Variable(tf.fill([12, 3], 1 / 3))
+    gal.ensure_pseudo_label_table(12, 3).assign(tf.fill([12, 3], 1 / 3))
     gal.tau = -1.0
     tf.function(gal.train_step)(batch)
     coefficients = _coefficients(gal, batch)

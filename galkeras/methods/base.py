@@ -392,7 +392,7 @@ class NoisyLabelMethod(keras.Model):
             steps,
             on_part,
             verbose=verbose,
-            callbacks=[_StopOnNonFinite(self), *(callbacks or [])],
+            callbacks=[StopOnNonFinite(self, steps), *(callbacks or [])],
             validation_data=validation_data,
             **kwargs,
         )
@@ -515,13 +515,23 @@ def training_set_of(x, y, batch_size, method, num_classes, fit_kwargs):
     )
 
 
-class _StopOnNonFinite(keras.callbacks.Callback):
+class StopOnNonFinite(keras.callbacks.Callback):
     """Raises `galkeras.model.NonFiniteError` right after a step with a
-    non-finite loss or gradient, when the method's `on_nonfinite` is `stop`."""
+    non-finite loss or gradient, when the method's `on_nonfinite` is `stop`.
 
-    def __init__(self, method):
+    It reads the method's own counters (`nonfinite_steps`, the bit mask
+    `nonfinite_networks` over `NETWORKS`, `run_step`), so it depends on no
+    other callback.
+
+    Args:
+        method: `GAL` or a `NoisyLabelMethod`.
+        steps_per_epoch: steps of one epoch (for the message).
+    """
+
+    def __init__(self, method, steps_per_epoch):
         super().__init__()
         self._method = method
+        self._steps = int(steps_per_epoch)
         self._seen = None
 
     def on_train_begin(self, logs=None):
@@ -536,7 +546,7 @@ class _StopOnNonFinite(keras.callbacks.Callback):
 
             method = self._method
             bits = int(method.nonfinite_networks.numpy())
-            steps = int(method.steps_per_epoch.numpy())
+            steps = self._steps
             step = method.global_step
             raise NonFiniteError(
                 epoch=(step - 1) // steps + 1,
