@@ -13,9 +13,9 @@ paper's outputs from them (Yan et al., Applied Sciences 2023, 13(3), 1823):
   panel per noise setting (Figure 4);
 - `table_markdown`: Best / Last / Best − Last / Last10 (and Selected, with a noisy
   held-out split) per method and noise setting (Table 1 layout; its rows also
-  cover Table 4's ablations), with the paper's Table 1 numbers (`PAPER_TABLE1`)
-  under the rows of the methods it reports. Best is test-selected and labelled
-  so.
+  cover Table 4's ablations), with the paper's numbers of Tables 1-3
+  (`PAPER_RESULTS`) under the rows of the methods they report. Best is
+  test-selected and labelled so.
 
 The functions take arguments; only `main` reads flags. Figures need matplotlib
 (`pip install "galkeras[report]"`) and are drawn on the non-interactive Agg
@@ -77,16 +77,23 @@ SYNTHETIC_NOISE_NAMES = {
     "pairflip": "Pairflip",
     "sym_inclusive": "Sym-inclusive",
 }
-# Table rows: the paper's Table 1 order for the methods (Cross Entropy, then the
-# peers; MentorNet and Co-learning, which galkeras does not implement, appear only
-# with the paper's numbers), then Table 4's ablations, GAL last.
+# Table rows: the paper's order for the methods (Cross Entropy, then the peers,
+# keeping the order of Tables 1, 2 and 3 alike; the methods galkeras does not
+# implement appear only with the paper's numbers), then Table 4's ablations, GAL
+# last.
 METHOD_ORDER = (
     "Cross Entropy",
     "MentorNet",
+    "Decoupling",
     "Co-teaching",
     "Co-teaching+",
     "JoCoR",
     "Co-learning",
+    "TCNet",
+    "ELR",
+    "FINE",
+    "F-div",
+    "Label Smooth",
     "Random Updating",
     "θA+θB+CE",
     "θA+θB+Random Updating",
@@ -208,7 +215,45 @@ PAPER_TABLE1 = {
     for setting, result in zip(PAPER_TABLE1_SETTINGS, results, strict=True)
     if result is not None
 }
-PAPER_TABLE1_METHODS = tuple(_PAPER_TABLE1_ROWS)
+ANIMAL10N = Setting("animal10n", "none", None)
+CLOTHING1M = Setting("clothing1m", "none", None)
+# The paper's Table 2 (Animal-10N): (best, last, None) as printed there, under
+# our row names (its "CE" is Cross Entropy, "Co-Teaching" Co-teaching, and so
+# on); it prints no Best−Last.
+PAPER_TABLE2 = {
+    (method, ANIMAL10N): (best, last, None)
+    for method, (best, last) in {
+        "Cross Entropy": (82.68, 81.1),
+        "Decoupling": (79.22, 78.24),
+        "Co-teaching": (82.43, 81.52),
+        "Co-teaching+": (50.66, 48.52),
+        "JoCoR": (82.88, 81.06),
+        "Co-learning": (82.95, 81.18),
+        "GAL": (83.33, 82.91),
+    }.items()
+}
+# The paper's Table 3 (Clothing1M) prints one test accuracy per method and does
+# not say at which epoch it was taken: (accuracy, None, None), shown as Best.
+PAPER_TABLE3 = {
+    (method, CLOTHING1M): (accuracy, None, None)
+    for method, accuracy in {
+        "JoCoR": 70.30,
+        "TCNet": 71.15,
+        "ELR": 72.87,
+        "FINE": 72.91,
+        "F-div": 73.09,
+        "Label Smooth": 73.44,
+        "GAL": 73.62,
+    }.items()
+}
+# (method row, Setting) -> (best, last, best − last) of the paper's tables, None
+# where a table prints no such number; and the table of each setting.
+PAPER_RESULTS = {**PAPER_TABLE1, **PAPER_TABLE2, **PAPER_TABLE3}
+PAPER_TABLES = {
+    **dict.fromkeys(PAPER_TABLE1_SETTINGS, 1),
+    ANIMAL10N: 2,
+    CLOTHING1M: 3,
+}
 # The label of the line under a method's row that holds the paper's numbers.
 PAPER_LINE = "↳ paper"
 
@@ -498,10 +543,12 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
     one header row, so the group names form the header and the column names the
     first row.
 
-    Under the row of each method that the paper's Table 1 reports (its label
-    exactly, so "GAL (τ=0.6)" gets none), a "↳ paper" line holds the paper's
-    Best, Last and Best−Last (`PAPER_TABLE1`) in the settings of Table 1, and
-    "–" elsewhere, whenever the table has a Table 1 setting.
+    Under the row of each method that the paper reports in a setting of the
+    table (its label exactly, so "GAL (τ=0.6)" gets none), a "↳ paper" line
+    holds the paper's Best, Last and Best−Last (`PAPER_RESULTS`: Table 1 for
+    CIFAR, Table 2 for Animal-10N, Table 3 for Clothing1M), and "–" where the
+    paper prints none: Table 2 prints no Best−Last, and Table 3's one accuracy
+    per method stands under Best.
 
     Below the table: a line per run with model selection (Clothing1M's test
     accuracy at the best validation epoch, Table 3), and a line per run left out
@@ -514,10 +561,11 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
             the twins), and a random-updating run's θA alone is "Random
             Updating" (its updates do not depend on θB).
         paper: the "↳ paper" lines.
-        paper_methods: also a row for each method of the paper's Table 1 that
-            has no run here ("–" in our cells, the paper's numbers under it),
-            such as MentorNet and Co-learning, which galkeras does not
-            implement: the whole of the paper's table beside ours.
+        paper_methods: also a row for each method that the paper reports in a
+            setting of the table but that has no run here ("–" in our cells,
+            the paper's numbers under it), such as MentorNet and Co-learning,
+            which galkeras does not implement: the whole of the paper's table
+            beside ours.
 
     Returns:
         The Markdown text, ending in a newline.
@@ -550,10 +598,11 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
                 f"(validation {_number(selection['validation_accuracy'])})."
             )
     settings = sorted({s for _, s in cells}, key=_setting_order)
-    paper = paper and any(s in PAPER_TABLE1_SETTINGS for s in settings)
+    paper_rows = {m for m, s in PAPER_RESULTS if s in settings}
+    paper = paper and bool(paper_rows)
     methods = {m for m, _ in cells}
     if paper and paper_methods:
-        methods.update(PAPER_TABLE1_METHODS)
+        methods.update(paper_rows)
     methods = sorted(methods, key=_method_order)
     keys = ["best", "last", "best_minus_last", "last10"]
     headers = ["Best†", "Last", "B−L", "Last10"]
@@ -582,7 +631,7 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
                     # A cell is a mean over all its runs, or nothing.
                     row.append(MISSING if None in values else _mean_std(values))
             lines.append("| " + " | ".join(row) + " |")
-            if paper and method in PAPER_TABLE1_METHODS:
+            if paper and method in paper_rows:
                 lines.append(_paper_line(method, settings, len(keys)))
         lines += [
             "",
@@ -590,21 +639,34 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
             "accuracy, which no practitioner can choose.",
         ]
         if paper:
+            tables = sorted({PAPER_TABLES[s] for s in settings if s in PAPER_TABLES})
             note = (
-                f"{PAPER_LINE}: the paper's Table 1 (Yan et al., Applied Sciences "
-                "2023) for the method above: Best, Last and Best−Last as printed "
-                "there (its Best is test-selected too; it reports no Last10 or "
-                "Selected). The paper names its peers' backbone (PreAct ResNet-18) "
-                "but not their training recipe; galkeras trains every method under "
-                "GAL's protocol (§4.1.2)."
+                f"{PAPER_LINE}: the paper's Table{'s' * (len(tables) > 1)} "
+                f"{_and(map(str, tables))} (Yan et al., Applied Sciences 2023) for "
+                "the method above: Best, Last and Best−Last as printed there (its "
+                "Best is test-selected too; it reports no Last10 or Selected)."
+            )
+            if 2 in tables:
+                note += " Table 2 (Animal-10N) prints no Best−Last."
+            if 3 in tables:
+                note += (
+                    " Table 3 (Clothing1M) prints one test accuracy per method and "
+                    "does not say at which epoch: it stands under Best†."
+                )
+            note += (
+                " The paper names its peers' backbone only in Table 1 (PreAct "
+                "ResNet-18) and their training recipe nowhere; galkeras trains "
+                "every method under GAL's protocol (§4.1.2)."
             )
             unrun = [m for m in methods if not any((m, s) in cells for s in settings)]
             if unrun:
                 note += (
                     f" Rows of – are methods without a run here ({', '.join(unrun)})."
                 )
-            if {"MentorNet", "Co-learning"} & set(unrun):
-                note += " galkeras does not implement MentorNet and Co-learning."
+            implemented = {*METHOD_LABELS.values(), "GAL"}
+            foreign = [m for m in unrun if m not in implemented]
+            if foreign:
+                note += f" galkeras does not implement {_and(foreign)}."
             lines += ["", note]
         lines += [
             "",
@@ -633,13 +695,28 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
 
 def _paper_line(method, settings, width):
     """The "↳ paper" row of `method`: the paper's Best, Last and Best−Last in
-    each setting of its Table 1, "–" in every other cell."""
+    each setting where it prints them, "–" in every other cell."""
     row = [PAPER_LINE]
     for setting in settings:
-        result = PAPER_TABLE1.get((method, setting))
-        cells = [_number(x) for x in result] if result else [MISSING] * 3
+        result = PAPER_RESULTS.get((method, setting))
+        cells = [_paper_number(x) for x in result] if result else [MISSING] * 3
         row += (cells + [MISSING] * width)[:width]
     return "| " + " | ".join(row) + " |"
+
+
+def _paper_number(x):
+    """A number of the paper's at the precision it prints (one decimal in Table
+    1, up to two in Tables 2 and 3); "–" for None."""
+    if x is None:
+        return MISSING
+    text = f"{x:.1f}"
+    return text if float(text) == x else f"{x:.2f}"
+
+
+def _and(names):
+    """Names joined as prose: "a", "a and b", "a, b and c"."""
+    names = list(names)
+    return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
 
 
 def _results(run, network):
@@ -1066,7 +1143,7 @@ EXPERIMENT_OUTPUTS = {
 def write_experiment(experiment, run_dirs, out_dir):
     """Writes a `galkeras.reproduce` experiment's outputs into
     `<out_dir>/<experiment>/` and returns their paths: `table.md` (Tables 1–5;
-    Table 1 with every row of the paper's, Table 4 with its ablation rows),
+    Tables 1–3 with every row of the paper's, Table 4 with its ablation rows),
     `agreement.png` (Figure 1), `tau.png` (Figure 4), and the accuracy curves of
     the single-dataset tables 2 and 3."""
     runs = [load_run(d) for d in run_dirs]
@@ -1080,7 +1157,7 @@ def write_experiment(experiment, run_dirs, out_dir):
         table = table_markdown(
             runs,
             ablation_rows=experiment == "table4",
-            paper_methods=experiment == "table1",
+            paper_methods=experiment in ("table1", "table2", "table3"),
         )
         with open(os.path.join(target, "table.md"), "w") as f:
             f.write(table)

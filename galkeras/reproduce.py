@@ -28,9 +28,10 @@ from absl import app, flags
 # Flag files (globs relative to the flags directory) of each experiment. θC does
 # not influence the twins, so a GAL run also gives Table 4's "θA + θB + Gradient
 # Agreement Updating" row (its joint accuracy) and Figure 4's τ = 0.4 point.
-# Table 1 holds one file per method and setting (GAL's is `<setting>.flags`,
-# the others `<setting>_<method>.flags`); the protocol they share is in
-# `table1/base/`, which the globs do not reach, since a base is no run.
+# Tables 1-3 hold one file per method and setting (GAL's is `<setting>.flags`,
+# the others `<setting>_<method>.flags`), so a table's glob runs every method;
+# the protocol they share is in `tableN/base/`, which the globs do not reach,
+# since a base is no run.
 _GAL_CIFAR10 = tuple(
     f"table1/cifar10_{s}.flags" for s in ("sym20", "sym50", "sym80", "asym40")
 )
