@@ -681,7 +681,8 @@ def plot_curves(results, methods, path):
                     label=method,
                 )
             bottom.set(
-                title=f"{regime}, {noise}: clean test accuracy (θC; CE, peers: net 1)",
+                title=f"{regime}, {noise}: clean test accuracy "
+                "(θC; CE: net; peers: net 1)",
                 xlabel="epoch",
                 ylabel="%",
             )
