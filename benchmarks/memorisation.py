@@ -4,7 +4,9 @@ On reduced-scale Fashion-MNIST settings, trains GAL at each agreement granularit
 beside the controls that isolate what the gate does, with the same data, noisy
 labels, seeds and schedule:
 
-- `ce`: one network, cross entropy all along (its `selected` is early-stopped CE);
+- `ce`: one network, cross entropy all along (`--method=ce`; its `selected` is
+  early-stopped CE), with its fit of the training labels logged every epoch
+  (`--train_fit`);
 - `all`: θA + θB + CE, no gating (`update_rule=all`), θC distilled as in GAL;
 - `stop`: stop and distil: τ = 1 at `variable` granularity freezes the twins at W,
   θC is trained as in GAL;
@@ -26,7 +28,9 @@ benchmark is resumable: finished runs are read back, unfinished
 ones resume. `--regimes`, `--noises`, `--seeds` and `--methods` select a part;
 `--jobs` runs that many trainings at once, each on one thread. Results go to
 `results.json`, `table.md` and `curves.png` (needs matplotlib,
-`pip install "galkeras[report]"`).
+`pip install "galkeras[report]"`). `results.json` keeps the runs it already
+holds whose directories are gone (a fresh clone has none), so a part re-run
+in a clone replaces only its own runs there.
 
 Usage:
 
@@ -61,7 +65,8 @@ HISTORY_KEPT = (
     "val_",
     "heldout_",
     "train_label_agreement",
-    "train_clean_accuracy",
+    "train_noisy_",
+    "train_clean_",
     "agreement",
     "pseudo_label_",
 )
@@ -148,11 +153,11 @@ def methods_for(sweep_granularity):
 
 
 def reported(method):
-    """The network each method reports: θC where a student is trained, θA for
-    `ce`, and net 1 for a peer."""
+    """The network each method reports: θC where a student is trained, CE's one
+    network for `ce`, and net 1 for a peer."""
     if method in PEERS:
         return "net1"
-    return "twin_a" if method == "ce" else "student"
+    return "net" if method == "ce" else "student"
 
 
 def method_flags(method, runs_of_setting):
@@ -161,7 +166,8 @@ def method_flags(method, runs_of_setting):
     `runs_of_setting` maps finished method names of the same regime, noise and seed
     to their summaries (the random controls take p from their gate's run)."""
     if method == "ce":
-        return {"warmup_epochs": None, "train_student": False}
+        # Its fit of the noisy training labels is the memorisation curve.
+        return {"method": "ce", "warmup_epochs": DROP, "train_fit": True}
     if method in PEERS:
         # Their own defaults: forget rate = the noise rate, T_k = 10; Co-teaching+
         # disagrees from the first drop on, where GAL's agreement starts.
@@ -312,8 +318,6 @@ def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
             if job.method == "coteaching_plus":
                 finished = {**finished, "init_epoch": regime.warmup_epochs}
             values.update(method_flags(job.method, finished))
-            if values.get("warmup_epochs", 0) is None:
-                values["warmup_epochs"] = regime.epochs
             values = {k: v for k, v in values.items() if v is not DROP}
             values["model_dir"] = os.path.join(job.run_dir, "run")
             values["export_dir"] = os.path.join(job.run_dir, "export")
@@ -410,6 +414,41 @@ def collect(jobs):
         by_method = results.setdefault(job.regime, {}).setdefault(job.noise, {})
         by_method.setdefault(job.method, {})[str(job.seed)] = summary
     return results
+
+
+def merge_committed(results, path, settings):
+    """`results` (the runs finished under `--out/runs`) over those already in
+    `path`, a results.json, whose raw runs are not committed: a run found on
+    disk replaces the stored one of the same regime, noise, method and seed.
+
+    A stored regime whose setting differs from `settings` (`{regime: dict}`) is
+    left out, and so is a stored run that reports another network than its
+    method does now (`ce` before it was `--method=ce`: GAL's θA): both belong
+    to an older benchmark."""
+    if not os.path.exists(path):
+        return results
+    with open(path) as f:
+        stored = json.load(f)
+    current = json.loads(json.dumps(settings))
+    merged = {}
+    for regime, by_noise in stored["runs"].items():
+        if stored["regimes"].get(regime) != current.get(regime):
+            continue
+        for noise, by_method in by_noise.items():
+            for method, by_seed in by_method.items():
+                for seed, summary in by_seed.items():
+                    if summary.get("reported_network") != reported(method):
+                        continue
+                    merged.setdefault(regime, {}).setdefault(noise, {}).setdefault(
+                        method, {}
+                    )[seed] = summary
+    for regime, by_noise in results.items():
+        for noise, by_method in by_noise.items():
+            for method, by_seed in by_method.items():
+                merged.setdefault(regime, {}).setdefault(noise, {}).setdefault(
+                    method, {}
+                ).update(by_seed)
+    return merged
 
 
 def updated_share(summary, config):
@@ -519,7 +558,8 @@ def markdown_tables(results, methods):
         out.append("")
     out.append(
         "Cells: clean test accuracy in percent, mean ± half the range over seeds. "
-        "The reported network is θC, and θA for `ce`. `best` picks the epoch on "
+        "The reported network is θC, CE's network for `ce` and net 1 for a peer. "
+        "`best` picks the epoch on "
         "the test set (test-selected); `selected` picks it on the noisy held-out "
         "split, which a practitioner can do. The updated share is the τ-gate's "
         "open share of parameters in phase 2 (τ = 1 for `stop`), p for `random_*` "
@@ -543,7 +583,7 @@ def verdicts(results):
                 row = {"regime": regime, "noise": noise, "gate": method}
                 for key in ("selected", "last"):
                     gate = seed_values(runs, method, "student", key)
-                    ce = seed_values(runs, "ce", "twin_a", "selected")
+                    ce = seed_values(runs, "ce", reported("ce"), "selected")
                     stop = seed_values(runs, "stop", "student", key)
                     if not (gate and ce and stop):
                         continue
@@ -607,24 +647,25 @@ def plot_curves(results, methods, path):
         for j, noise in enumerate(noises):
             runs = results[regime].get(noise, {})
             top, bottom = axes[2 * i][j], axes[2 * i + 1][j]
+            ce = reported("ce")
             for seed, s in sorted(runs.get("ce", {}).items()):
                 h = s["history"]
                 style = dict(lw=1.2 if seed == "0" else 0.6)
                 top.plot(
-                    [100 * a for a in h["val_twin_a_accuracy"]],
+                    [100 * a for a in h[f"val_{ce}_accuracy"]],
                     color="C0",
                     label=f"clean test accuracy (seed {seed})",
                     **style,
                 )
                 top.plot(
-                    [100 * a for a in h["train_label_agreement"]],
+                    [100 * a for a in h[f"train_noisy_{ce}_accuracy"]],
                     color="C3",
                     label=f"fit of the noisy train labels (seed {seed})",
                     **style,
                 )
-                if "heldout_twin_a_accuracy" in h:
+                if f"heldout_{ce}_accuracy" in h:
                     top.plot(
-                        [100 * a for a in h["heldout_twin_a_accuracy"]],
+                        [100 * a for a in h[f"heldout_{ce}_accuracy"]],
                         color="C2",
                         label=f"noisy held-out accuracy (seed {seed})",
                         **style,
@@ -640,7 +681,8 @@ def plot_curves(results, methods, path):
                     label=method,
                 )
             bottom.set(
-                title=f"{regime}, {noise}: clean test accuracy (θC; CE: θA)",
+                title=f"{regime}, {noise}: clean test accuracy "
+                "(θC; CE: net; peers: net 1)",
                 xlabel="epoch",
                 ylabel="%",
             )
@@ -704,9 +746,11 @@ def main(argv):
         for s in range(10)
         for m in all_methods
     ]
-    results = collect(every)
-    setting = {name: dataclasses.asdict(regimes[name]) for name in results}
-    with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
+    settings = {name: dataclasses.asdict(regime) for name, regime in regimes.items()}
+    results_path = os.path.join(FLAGS.out, "results.json")
+    results = merge_committed(collect(every), results_path, settings)
+    setting = {name: settings[name] for name in results}
+    with open(results_path, "w") as f:
         json.dump({"regimes": setting, "runs": results}, f, separators=(",", ":"))
     rows = verdicts(results)
     text = "\n".join(

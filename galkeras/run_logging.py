@@ -13,7 +13,9 @@ What is logged:
 - every epoch, every value in Keras' logs: the training means, the test (or
   validation) accuracy of θA, θB, joint and θC (and, with a noisy held-out split,
   their accuracy on its noisy labels), and the pseudo-labels' coverage and, when
-  clean labels are known, precision.
+  clean labels are known, precision;
+- optionally (`EvaluateTrainingFit`), every epoch, each network's fit of the
+  training set: its accuracy against the noisy labels and the clean ones.
 
 `steps.csv` columns: `step, epoch, phase` and the `STEP_COLUMNS`.
 """
@@ -22,8 +24,11 @@ import csv
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from galkeras import sampling
+from galkeras.methods.base import NoisyLabelMethod
 from galkeras.model import AGREEMENT, LAST_STEP_KEYS
 
 # The scalar values of `GAL.last_step` (the per-variable vector goes to a histogram).
@@ -131,6 +136,103 @@ class EvaluateTestSplit(keras.callbacks.Callback):
         results = self.gal.evaluate(self.dataset, verbose=0, return_dict=True)
         if logs is not None:
             logs.update({f"{self.prefix}{k}": v for k, v in results.items()})
+
+
+class EvaluateTrainingFit(keras.callbacks.Callback):
+    """Measures, at every epoch end, how far each network fits the training set:
+    its accuracy on the set trained on (held-out samples are not in it), un-augmented
+    and in inference mode, against the noisy labels it was trained on
+    (`train_noisy_<net>_accuracy`) and, when the set knows them, against the clean
+    labels (`train_clean_<net>_accuracy`). This is the memorisation curve: how much
+    of the label noise each network has learned.
+
+    `<net>` is every network the method evaluates: GAL's `twin_a`, `twin_b`,
+    `joint` and `student`, or a peer's `NETWORKS` (`net`; `net1`, `net2` and
+    their `joint`). The joint prediction is the mean of the two networks' softmax
+    outputs (Eq. 6), and GAL's θB stands for θA until the twins split, as in GAL's
+    evaluation. GAL's pseudo-label refresh logs a different quantity:
+    `train_label_agreement` and `train_clean_accuracy` are the joint prediction's,
+    at the start of each epoch.
+
+    One inference pass over the set per epoch computes every network's prediction
+    on each batch, on one device. The pass reads the weights and changes nothing:
+    no random number is drawn and no BatchNorm statistic moves, so a run trains
+    the same with or without it. Put it before callbacks that read the logs.
+
+    Args:
+        method: the `galkeras.GAL` or `galkeras.methods.NoisyLabelMethod` being
+            fitted.
+        training_set: the `galkeras.TrainingSet` it is fitted on (`labels`, and
+            `clean_labels` when known).
+        batch_size: images per inference batch (default: the training batch
+            size, at least 256).
+    """
+
+    NOISY_PREFIX = "train_noisy_"
+    CLEAN_PREFIX = "train_clean_"
+
+    def __init__(self, method, training_set, batch_size=None):
+        super().__init__()
+        self.method = method
+        self.noisy_labels = np.asarray(training_set.labels)
+        clean = training_set.clean_labels
+        self.clean_labels = None if clean is None else np.asarray(clean)
+        self.dataset = sampling.inference_dataset(
+            training_set.images, batch_size or max(training_set.batch_size, 256)
+        )
+        self._predict = {}
+
+    def _networks(self):
+        """`({name: network} to run, {name: name it stands for}, the pair whose
+        mean is the joint prediction or None)`."""
+        method = self.method
+        if isinstance(method, NoisyLabelMethod):
+            networks = method.networks
+            return networks, {}, tuple(networks) if len(networks) == 2 else None
+        networks = {"twin_a": method.twin_a, "student": method.student}
+        aliases = {"twin_b": "twin_a"}
+        if int(method.twins_split.numpy()):
+            networks["twin_b"], aliases = method.twin_b, {}
+        return networks, aliases, ("twin_a", "twin_b")
+
+    def predictions(self):
+        """`{name: int64 [N] predicted class}` of every evaluated network over
+        the training set, in its order."""
+        networks, aliases, pair = self._networks()
+        key = tuple(networks)
+        if key not in self._predict:
+
+            @tf.function(reduce_retracing=True)
+            def predict(images):
+                probabilities = {
+                    name: tf.nn.softmax(tf.cast(net(images, training=False), "float32"))
+                    for name, net in networks.items()
+                }
+                for name, source in aliases.items():
+                    probabilities[name] = probabilities[source]
+                if pair:
+                    first, second = (probabilities[n] for n in pair)
+                    probabilities["joint"] = (first + second) / 2
+                return {n: tf.argmax(p, axis=-1) for n, p in probabilities.items()}
+
+            self._predict[key] = predict
+        batches = [self._predict[key](batch["image"]) for batch in self.dataset]
+        return {
+            name: np.concatenate([b[name].numpy() for b in batches])
+            for name in batches[0]
+        }
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for name, predicted in self.predictions().items():
+            logs[f"{self.NOISY_PREFIX}{name}_accuracy"] = float(
+                np.mean(predicted == self.noisy_labels)
+            )
+            if self.clean_labels is not None:
+                logs[f"{self.CLEAN_PREFIX}{name}_accuracy"] = float(
+                    np.mean(predicted == self.clean_labels)
+                )
 
 
 def read_history_csv(path):

@@ -84,6 +84,7 @@ _DEFAULTS = dict(
     export_dir="",
     verbose=2,
     log_every_steps=50,
+    train_fit=False,
     dry_run=False,
     strategy="auto",
     sync_batchnorm=False,
@@ -146,7 +147,8 @@ DATASET_FLAGS = {
 }
 # Flags that may differ when a run resumes: where things are, how much is
 # printed and logged, how often it checkpoints, the hardware it runs on, and what
-# a non-finite step does. Every other flag changes the run.
+# a non-finite step does. Every other flag changes the run, or (`--train_fit`)
+# the columns of history.csv, which a resumed run appends to.
 RESUME_NEUTRAL = (
     "data_dir",
     "model_dir",
@@ -206,6 +208,7 @@ class TrainConfig:
     export_dir: str = _DEFAULTS["export_dir"]
     verbose: int = _DEFAULTS["verbose"]
     log_every_steps: int = _DEFAULTS["log_every_steps"]
+    train_fit: bool = _DEFAULTS["train_fit"]
     dry_run: bool = _DEFAULTS["dry_run"]
     strategy: str = _DEFAULTS["strategy"]
     sync_batchnorm: bool = _DEFAULTS["sync_batchnorm"]
@@ -855,7 +858,7 @@ def _fit(config, strategy, method, training_set, run_checkpoint, start_step, pre
         every_n_steps=config.checkpoint_every_steps,
         cluster_resolver=getattr(strategy, "cluster_resolver", None),
     )
-    validation, callbacks = _evaluation_and_logs(config, method, prepared)
+    validation, callbacks = _evaluation_and_logs(config, method, prepared, training_set)
     # Last, so that an epoch's logs are written before its checkpoint.
     callbacks.append(saver)
     try:
@@ -882,10 +885,10 @@ def _fit(config, strategy, method, training_set, run_checkpoint, start_step, pre
     return saver
 
 
-def _evaluation_and_logs(config, method, prepared):
+def _evaluation_and_logs(config, method, prepared, training_set):
     """`(validation_data, callbacks)`: the test split (or the clean validation
-    split, with the test split beside it), the noisy held-out split, and the
-    run's logs."""
+    split, with the test split beside it), the noisy held-out split, with
+    `--train_fit` the fit of `training_set`, and the run's logs."""
     import keras
 
     from galkeras import run_logging, sampling
@@ -930,6 +933,10 @@ def _evaluation_and_logs(config, method, prepared):
         callbacks.insert(
             0, run_logging.EvaluateTestSplit(method, heldout, prefix=HELDOUT_PREFIX)
         )
+    if config.train_fit:
+        # Opt-in: one more inference pass over the training set every epoch,
+        # which a timed run should not pay.
+        callbacks.insert(0, run_logging.EvaluateTrainingFit(method, training_set))
     return validation, callbacks
 
 
@@ -1208,6 +1215,13 @@ def define_flags(flag_values=None):
         "log_every_steps",
         d["log_every_steps"],
         "Per-step values to TensorBoard and steps.csv every this many steps.",
+    )
+    define.bool(
+        "train_fit",
+        d["train_fit"],
+        "Every epoch, log each network's accuracy on the un-augmented training set "
+        "against its noisy labels (train_noisy_<net>_accuracy) and clean labels "
+        "(train_clean_<net>_accuracy): one more inference pass per epoch.",
     )
     define.string(
         "strategy",

@@ -30,7 +30,10 @@ def test_quick_benchmark_runs_controls_and_random_matches_its_gate(tmp_path):
     assert set(runs) == set(memorisation.QUICK_METHODS)
     ce = runs["ce"]["0"]
     for key in ("best", "last", "last10", "selected"):
-        assert 0.0 <= ce["twin_a"][key] <= 100.0
+        assert 0.0 <= ce["net"][key] <= 100.0
+    # CE is --method=ce, and its fit of the noisy training labels is kept.
+    assert ce["reported_network"] == "net"
+    assert len(ce["history"]["train_noisy_net_accuracy"]) == 6
     # The random control opens, in expectation, the share its gate opened.
     gate = runs["gal_element"]["0"]["mean_agreement_param_ratio"]
     flags_text = (
@@ -49,7 +52,7 @@ def test_verdicts_against_a_hand_computation():
         return {net: {"selected": selected, "last": last}}
 
     runs = {
-        "ce": {"0": summary("twin_a", 60.0, 50.0), "1": summary("twin_a", 62.0, 48.0)},
+        "ce": {"0": summary("net", 60.0, 50.0), "1": summary("net", 62.0, 48.0)},
         "stop": {
             "0": summary("student", 63.0, 61.0),
             "1": summary("student", 63.0, 61.0),
@@ -68,3 +71,43 @@ def test_verdicts_against_a_hand_computation():
     # last: gate 62.5 is 1.5 above early-stopped CE, less than CE's seed spread 2.
     assert row["last"]["minus_early_stopped_ce"] == pytest.approx(1.5)
     assert not row["last"]["beats_both"]
+
+
+def test_stored_runs_are_kept_unless_re_run_or_of_an_older_definition(tmp_path):
+    def run(network, value):
+        return {"reported_network": network, network: {"last": value}}
+
+    settings = {"r": {"epochs": 40}}
+    stored = {
+        "regimes": {"r": {"epochs": 40}, "old": {"epochs": 20}},
+        "runs": {
+            "r": {
+                "sym50": {
+                    "stop": {"0": run("student", 1.0), "1": run("student", 2.0)},
+                    # `ce` as it was: GAL's θA with W = E.
+                    "ce": {"0": run("twin_a", 3.0), "1": run("twin_a", 4.0)},
+                }
+            },
+            "old": {"sym50": {"stop": {"0": run("student", 5.0)}}},
+        },
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(stored))
+    on_disk = {
+        "r": {
+            "sym50": {
+                "ce": {"0": run("net", 6.0)},
+                "stop": {"1": run("student", 7.0)},
+            }
+        }
+    }
+    merged = memorisation.merge_committed(on_disk, str(path), settings)
+    assert merged == {
+        "r": {
+            "sym50": {
+                "stop": {"0": run("student", 1.0), "1": run("student", 7.0)},
+                "ce": {"0": run("net", 6.0)},
+            }
+        }
+    }
+    assert memorisation.merge_committed(on_disk, str(tmp_path / "no"), {}) is on_disk

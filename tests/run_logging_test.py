@@ -1,15 +1,17 @@
 """Run logs: per-step values are the step's own, reach steps.csv and TensorBoard,
-and the test split is evaluated beside a validation split."""
+the test split is evaluated beside a validation split, and the training-set fit
+is each network's accuracy and leaves training as it was."""
 
 import csv
 import glob
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import tiny_data, tiny_net
 
-from galkeras import GAL, TrainingSet, run_logging, sampling
+from galkeras import GAL, TrainingSet, methods, run_logging, sampling
 from galkeras.run_logging import EvaluateTestSplit, RunLogger
 
 
@@ -116,3 +118,97 @@ def test_truncate_logs_drops_the_rows_a_resumed_run_writes_again(tmp_path):
     assert (tmp_path / "history.csv").read_text().splitlines() == ["epoch,loss"]
     history = run_logging.read_history_csv(str(tmp_path / "history.csv"))
     assert history == {}
+
+
+# ------------------------------------------------------- training-set fit
+def _noisy_training_set():
+    images, clean = tiny_data(30)
+    noisy = clean.copy()
+    noisy[::4] = (noisy[::4] + 1) % 3  # a quarter of the labels flipped
+    return TrainingSet(images, noisy, batch_size=8, clean_labels=clean)
+
+
+def _method(kind):
+    if kind == "gal":
+        # τ = -1: every gate opens, so θB moves on its own batches after W.
+        return _gal(warmup_epochs=1, tau=-1.0)
+    method = methods.CoTeaching(tiny_net("net1"), tiny_net("net2", seed=1), 0.25)
+    method.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    return method
+
+
+class _Softmaxes(keras.callbacks.Callback):
+    """Each network's softmax on `images` at every epoch end, in inference mode."""
+
+    def __init__(self, networks, images):
+        super().__init__()
+        self.networks, self.images, self.epochs = networks, images, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(
+            {
+                name: tf.nn.softmax(net(self.images, training=False)).numpy()
+                for name, net in self.networks.items()
+            }
+        )
+
+
+def _fit_recording_softmaxes(kind, measure):
+    """`(method, history, softmaxes, EvaluateTrainingFit)` of two epochs on the
+    noisy tiny set, measured or not."""
+    training_set = _noisy_training_set()
+    method = _method(kind)
+    if kind == "gal":
+        networks = {n: getattr(method, n) for n in ("twin_a", "twin_b", "student")}
+    else:
+        networks = method.networks
+    softmaxes = _Softmaxes(networks, training_set.images.astype("float32"))
+    fit = run_logging.EvaluateTrainingFit(method, training_set)
+    history = method.fit(
+        training_set,
+        epochs=2,
+        callbacks=[fit, softmaxes] if measure else [softmaxes],
+        verbose=0,
+    ).history
+    return method, history, softmaxes, fit
+
+
+def _state(method):
+    """Every variable of the run, and the global random generators' states."""
+    variables = [v.numpy() for vs in method.run_state().values() for v in vs]
+    rngs = [np.random.get_state()[1], tf.random.get_global_generator().state]
+    return variables + [np.asarray(r) for r in rngs]
+
+
+@pytest.mark.parametrize("kind", ["gal", "coteaching"])
+def test_training_fit_is_each_networks_accuracy_and_changes_nothing(kind):
+    pair = ("twin_a", "twin_b") if kind == "gal" else ("net1", "net2")
+    unmeasured, _, _, _ = _fit_recording_softmaxes(kind, measure=False)
+    method, history, softmaxes, fit = _fit_recording_softmaxes(kind, measure=True)
+    training_set = _noisy_training_set()
+    for epoch, probabilities in enumerate(softmaxes.epochs):
+        if kind == "gal" and epoch == 0:
+            # θB stands for θA until the twins split at W = 1 (GAL's evaluation).
+            probabilities["twin_b"] = probabilities["twin_a"]
+        probabilities["joint"] = (probabilities[pair[0]] + probabilities[pair[1]]) / 2
+        for name, p in probabilities.items():
+            for labels, kind_of in (
+                (training_set.labels, "noisy"),
+                (training_set.clean_labels, "clean"),
+            ):
+                logged = history[f"train_{kind_of}_{name}_accuracy"][epoch]
+                expected = np.mean(p.argmax(axis=1) == labels)
+                assert logged == expected, (name, kind_of, epoch)
+    measured = {k for k in history if k.startswith(("train_noisy_", "train_clean_"))}
+    measured.discard("train_clean_accuracy")  # GAL's refresh statistic
+    assert measured == {
+        f"train_{k}_{n}_accuracy" for k in ("noisy", "clean") for n in probabilities
+    }
+    # Measuring changed no weight, statistic or optimizer slot, and drew no
+    # random number: the runs with and without it end bit for bit alike.
+    before = _state(method)
+    for a, b in zip(_state(unmeasured), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    fit.on_epoch_end(2, {})
+    for a, b in zip(before, _state(method), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -452,6 +452,46 @@ def test_run_with_a_noisy_held_out_split_selects_on_it(tmp_path):
     )
 
 
+def test_train_fit_logs_the_fit_of_the_set_trained_on_and_changes_nothing(tmp_path):
+    import keras
+
+    from galkeras.datasets import load_dataset
+
+    def run(name, **flags):
+        # `ce` takes GAL's --warmup_epochs default; 20% of the set is held out.
+        values = dict(method="ce", warmup_epochs=12, batch_size=128)
+        values.update(noisy_validation_split=0.2, **flags)
+        return train.run(tiny_run_config(tmp_path / name, "digits", **values))
+
+    summaries = [run("plain"), run("measured", train_fit=True)]
+    histories, nets = [], []
+    for name, summary in zip(("plain", "measured"), summaries):
+        for key in ("seconds_per_epoch", "model_dir", "export_path", "keras_path"):
+            summary.pop(key)
+        histories.append(
+            run_logging.read_history_csv(tmp_path / name / "run" / "history.csv")
+        )
+        nets.append(keras.saving.load_model(tmp_path / name / "run" / "net.keras"))
+    assert summaries[0] == summaries[1]
+    for a, b in zip(nets[0].weights, nets[1].weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    plain, measured = histories
+    fit = {k: measured.pop(k) for k in list(measured) if k.startswith("train_")}
+    assert plain == measured
+    assert set(fit) == {"train_noisy_net_accuracy", "train_clean_net_accuracy"}
+    # The last epoch's values, from the final network on the training images
+    # that were trained on: the held-out ones are not among them.
+    labels = np.load(tmp_path / "measured" / "run" / "labels.npz")
+    trained = np.setdiff1d(
+        np.arange(len(labels["noisy_labels"])), labels["heldout_ids"]
+    )
+    images = load_dataset("digits").x_train[trained]
+    predicted = np.argmax(nets[1].predict(images, verbose=0), axis=-1)
+    for kind in ("noisy", "clean"):
+        expected = np.mean(predicted == labels[f"{kind}_labels"][trained])
+        assert fit[f"train_{kind}_net_accuracy"][-1] == expected
+
+
 # ------------------------------------------- faults found by trying to break it
 @pytest.mark.parametrize(
     "overrides,named",
