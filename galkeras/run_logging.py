@@ -30,6 +30,7 @@ import tensorflow as tf
 from galkeras import sampling
 from galkeras.methods.base import NoisyLabelMethod
 from galkeras.model import AGREEMENT, LAST_STEP_KEYS
+from galkeras.teacher import predict_over
 
 # The scalar values of `GAL.last_step` (the per-variable vector goes to a histogram).
 STEP_COLUMNS = tuple(k for k in LAST_STEP_KEYS if k != "agreement_per_variable")
@@ -154,10 +155,11 @@ class EvaluateTrainingFit(keras.callbacks.Callback):
     `train_label_agreement` and `train_clean_accuracy` are the joint prediction's,
     at the start of each epoch.
 
-    One inference pass over the set per epoch computes every network's prediction
-    on each batch, on one device. The pass reads the weights and changes nothing:
-    no random number is drawn and no BatchNorm statistic moves, so a run trains
-    the same with or without it. Put it before callbacks that read the logs.
+    One inference pass over the set per epoch computes every network's
+    prediction on each batch, spread over the strategy's replicas. The pass
+    reads the weights and changes nothing: no random number is drawn and no
+    BatchNorm statistic moves, so a run trains the same with or without it.
+    Put it before callbacks that read the logs.
 
     Args:
         method: the `galkeras.GAL` or `galkeras.methods.NoisyLabelMethod` being
@@ -199,13 +201,16 @@ class EvaluateTrainingFit(keras.callbacks.Callback):
         """`{name: int64 [N] predicted class}` of every evaluated network over
         the training set, in its order."""
         networks, aliases, pair = self._networks()
+        names = [*networks, *aliases, *(["joint"] if pair else [])]
         key = tuple(networks)
         if key not in self._predict:
 
             @tf.function(reduce_retracing=True)
-            def predict(images):
+            def predict(batch):
                 probabilities = {
-                    name: tf.nn.softmax(tf.cast(net(images, training=False), "float32"))
+                    name: tf.nn.softmax(
+                        tf.cast(net(batch["image"], training=False), "float32")
+                    )
                     for name, net in networks.items()
                 }
                 for name, source in aliases.items():
@@ -213,14 +218,15 @@ class EvaluateTrainingFit(keras.callbacks.Callback):
                 if pair:
                     first, second = (probabilities[n] for n in pair)
                     probabilities["joint"] = (first + second) / 2
-                return {n: tf.argmax(p, axis=-1) for n, p in probabilities.items()}
+                classes = [tf.argmax(probabilities[n], axis=-1) for n in names]
+                return batch["id"], tf.stack(classes, axis=1)
 
             self._predict[key] = predict
-        batches = [self._predict[key](batch["image"]) for batch in self.dataset]
-        return {
-            name: np.concatenate([b[name].numpy() for b in batches])
-            for name in batches[0]
-        }
+        predicted = np.zeros((len(self.noisy_labels), len(names)), np.int64)
+        strategy = self.method.distribute_strategy
+        for ids, batch in predict_over(strategy, self._predict[key], self.dataset):
+            predicted[ids] = batch
+        return {name: predicted[:, i] for i, name in enumerate(names)}
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
