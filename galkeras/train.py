@@ -116,8 +116,11 @@ WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
 ON_NONFINITE = ("stop", "skip_step")
-# The methods, and the flags only some of them read; any other method refuses
-# them (a silently ignored flag is a wrong experiment).
+# The methods (GAL and `galkeras.methods.BY_NAME`, named here so that bad flags
+# are refused before TensorFlow loads), and the flags only some of them read; any
+# other method refuses them (a silently ignored flag is a wrong experiment). A
+# peer's flags are its constructor's arguments of the same name, but for the
+# forget-rate flags, which `SmallLossMethod` takes.
 METHODS = ("gal", "ce", "coteaching", "coteaching_plus", "jocor")
 _SMALL_LOSS = ("forget_rate", "num_gradual", "forget_exponent")
 METHOD_FLAGS = {
@@ -1025,12 +1028,7 @@ def build_method(config, make):
             seed=config.seed,
             on_nonfinite=config.on_nonfinite,
         )
-    kind = {
-        "ce": methods.CE,
-        "coteaching": methods.CoTeaching,
-        "coteaching_plus": methods.CoTeachingPlus,
-        "jocor": methods.JoCoR,
-    }[config.method]
+    kind = methods.BY_NAME[config.method]
     options = {
         flag: getattr(config, flag)
         for flag in METHOD_FLAGS[config.method]

@@ -184,6 +184,7 @@ def test_ce_is_gals_theta_a_alone_at_one_networks_cost(tmp_path):
     from conftest import tiny_run_config
 
     from galkeras import train
+    from galkeras.datasets import load_dataset
 
     ce = train.run(_peer_config(tmp_path / "ce", "ce"))
     gal_ce = train.run(
@@ -205,6 +206,12 @@ def test_ce_is_gals_theta_a_alone_at_one_networks_cost(tmp_path):
     # Nothing else is trained, evaluated or exported.
     assert set(ce) & {"twin_a", "twin_b", "joint", "student"} == set()
     assert ce["reported_network"] == "net" and ce["keras_path"].endswith("net.keras")
+    # What is served is the network that was trained and reported.
+    data = load_dataset("digits")
+    served = tf.saved_model.load(ce["export_path"]).signatures["serving_default"]
+    class_id = served(image=tf.constant(data.x_test))["class_id"].numpy()
+    accuracy = 100 * np.mean(class_id == data.y_test)
+    assert accuracy == pytest.approx(ce["net"]["last"], abs=1e-3)
 
 
 def json_lines(path):
@@ -270,8 +277,18 @@ def test_flags_of_other_methods_and_bad_forget_rates_are_refused():
     assert rate(train.TrainConfig(noise_type="none", forget_rate=0.1)) == 0.1
 
 
-def test_a_peer_run_stopped_mid_epoch_resumes_to_the_same_weights(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("ce", dict(epochs=1)),
+        ("coteaching", dict(epochs=1)),
+        # Stopped in its disagreement phase, which starts at epoch 1.
+        ("coteaching_plus", dict(epochs=2, init_epoch=1)),
+        ("jocor", dict(epochs=1)),
+    ],
+)
+def test_each_peer_stopped_mid_epoch_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, method, options
 ):
     from galkeras import checkpointing, train
 
@@ -283,29 +300,49 @@ def test_a_peer_run_stopped_mid_epoch_resumes_to_the_same_weights(
             if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
         }
 
-    options = dict(epochs=2, init_epoch=1, checkpoint_every_steps=3, batch_size=256)
-    straight = train.run(_peer_config(tmp_path / "a", "coteaching_plus", **options))
-    stopped = _peer_config(tmp_path / "b", "coteaching_plus", **options)
+    # digits at batch 256: 6 steps per epoch; checkpoints at steps 3 and 6.
+    options = dict(options, checkpoint_every_steps=3, batch_size=256)
+    stop_at = 6 * (options["epochs"] - 1) + 5  # two steps after a checkpoint
+    straight = train.run(_peer_config(tmp_path / "a", method, **options))
+    stopped = _peer_config(tmp_path / "b", method, **options)
     real = checkpointing.CheckpointCallback.on_train_batch_end
 
-    def stop_at_step_5(self, batch, logs=None):
+    def stop_mid_epoch(self, batch, logs=None):
         real(self, batch, logs)
-        if self.gal.global_step == 5:  # mid-epoch 1, after ckpt-3
+        if self.gal.global_step == stop_at:
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
         patch.setattr(
-            checkpointing.CheckpointCallback, "on_train_batch_end", stop_at_step_5
+            checkpointing.CheckpointCallback, "on_train_batch_end", stop_mid_epoch
         )
         with pytest.raises(KeyboardInterrupt):
             train.run(stopped)
     resumed = train.run(stopped)
-    assert resumed["resumed_from_step"] == 3
+    assert resumed["resumed_from_step"] == stop_at - 2
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
-    assert a.keys() == b.keys() and len(a) > 20
+    assert a.keys() == b.keys() and len(a) > 10
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert resumed["net1"] == straight["net1"]
+    reported = "net" if method == "ce" else "net1"
+    assert resumed[reported] == straight[reported]
+
+
+def test_the_cli_knows_every_method_and_each_peer_takes_its_flags():
+    import inspect
+
+    from galkeras import train
+
+    assert set(train.METHODS) == {"gal", *methods.BY_NAME}
+    for name, kind in methods.BY_NAME.items():
+        own = [f for f in train.METHOD_FLAGS[name] if f not in train._SMALL_LOSS]
+        accepted = set()
+        for cls in kind.__mro__:
+            if "__init__" in vars(cls):
+                accepted |= set(inspect.signature(cls.__init__).parameters)
+        assert set(own) <= accepted, name
+        small_loss = issubclass(kind, methods.SmallLossMethod)
+        assert small_loss == ("forget_rate" in train.METHOD_FLAGS[name]), name
 
 
 def test_a_dry_run_of_coteaching_plus_reaches_its_disagreement_phase():

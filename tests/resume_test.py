@@ -31,23 +31,23 @@ FLAGS = [
 TOTAL_STEPS = 90
 
 
-def _args(tmp_path, name, *extra):
+def _args(tmp_path, name, *extra, flags=FLAGS):
     return [
-        *FLAGS,
+        *flags,
         f"--model_dir={tmp_path / name}",
         f"--export_dir={tmp_path / name}_export",
         *extra,
     ]
 
 
-def _run(tmp_path, name, *extra):
-    return run_module("galkeras.train", *_args(tmp_path, name, *extra))
+def _run(tmp_path, name, *extra, flags=FLAGS):
+    return run_module("galkeras.train", *_args(tmp_path, name, *extra, flags=flags))
 
 
-def _interrupt(tmp_path, name, how):
+def _interrupt(tmp_path, name, how, flags=FLAGS):
     """Starts a run, waits for its first checkpoint, then sends `how`."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "galkeras.train", *_args(tmp_path, name)],
+        [sys.executable, "-m", "galkeras.train", *_args(tmp_path, name, flags=flags)],
         cwd=REPO,
         env=CLI_ENV,
         stdout=subprocess.PIPE,
@@ -136,3 +136,38 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / "reference" / "checkpoints")) == (
         ref_path
     )
+
+
+@pytest.mark.large
+def test_a_killed_peer_run_resumes_to_the_uninterrupted_result(tmp_path):
+    # JoCoR: two networks, one joint loss and the forget-rate ramp in the graph.
+    # digits at batch 64: 23 steps per epoch, 46 in all.
+    flags = [
+        "--dataset=digits",
+        "--method=jocor",
+        "--epochs=2",
+        "--lr_decay_epochs=1",
+        "--batch_size=64",
+        "--backbone_width=4",
+        "--verbose=0",
+        "--checkpoint_every_steps=4",
+        "--deterministic",
+    ]
+    reference = _run(tmp_path, "reference", flags=flags)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    code, stderr = _interrupt(tmp_path, "killed", signal.SIGKILL, flags=flags)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    resumed = _run(tmp_path, "killed", flags=flags)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert 0 < summary["resumed_from_step"] < 46
+
+    ref_path, ref = _final_state(tmp_path / "reference")
+    path, state = _final_state(tmp_path / "killed")
+    assert ref_path.endswith("ckpt-46") and path.endswith("ckpt-46")
+    assert state.keys() == ref.keys()
+    for key in ref:  # both networks, both optimizers, the run step: bit for bit
+        np.testing.assert_array_equal(state[key], ref[key], err_msg=key)
+    ref_summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    for net in ("net1", "net2", "joint"):
+        assert summary[net] == ref_summary[net]
