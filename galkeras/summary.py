@@ -146,6 +146,19 @@ def format_summary(summary):
         return "\n".join(["dry run passed (stand-in data; nothing written):", *lines])
     if summary.get("model_dir"):  # not on the non-chief workers of a cluster
         lines.append(f"summary: {os.path.join(summary['model_dir'], 'summary.json')}")
+    issues = summary.get("label_issues")
+    if issues:
+        lines.append(
+            f"label issues: {issues['issues']} of {issues['samples']} training "
+            f"labels flagged ({issues['probabilities']} probabilities): "
+            f"{issues['path']}"
+        )
+        if issues.get("clean_labels_path"):
+            lines.append(
+                f"cleaned labels ({issues['clean_labels']}): "
+                f"{issues['clean_labels_path']} (train again with "
+                "--labels_csv=that file)"
+            )
     if summary.get("export_path"):
         exported = EXPORTED_NAMES.get(summary.get("reported_network"), "θC")
         lines.append(f"exported {exported}: {summary['export_path']}")

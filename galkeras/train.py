@@ -100,6 +100,10 @@ _DEFAULTS = dict(
     init_epoch=20,
     divide_twice=False,
     softmax_twice=False,
+    label_issue_probabilities="auto",
+    label_quality_score="self_confidence",
+    label_issue_filter="prune_by_noise_rate",
+    write_clean_labels="",
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
@@ -110,6 +114,26 @@ BACKBONES = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")
 UPDATE_RULES = ("agreement", "random", "all")
 SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
+# Plain copies of `galkeras.label_issues`' choices (a test checks they agree).
+LABEL_QUALITY_SCORES = ("self_confidence", "normalized_margin")
+LABEL_ISSUE_FILTERS = (
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+    "low_normalized_margin",
+    "low_self_confidence",
+)
+CLEAN_LABEL_MODES = ("drop", "relabel")
+# The networks each method can score label issues with.
+LABEL_ISSUE_NETWORKS = {
+    "gal": ("joint", "student", "twin_a", "twin_b"),
+    "ce": ("net",),
+    "coteaching": ("joint", "net1", "net2"),
+    "coteaching_plus": ("joint", "net1", "net2"),
+    "jocor": ("joint", "net1", "net2"),
+}
 GRANULARITIES = ("variable", "channel", "element")
 AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
@@ -163,6 +187,11 @@ RESUME_NEUTRAL = (
     "on_nonfinite",
     "new_run",
     "dry_run",
+    # Read only after training, when label_issues.csv is written.
+    "label_issue_probabilities",
+    "label_quality_score",
+    "label_issue_filter",
+    "write_clean_labels",
 )
 # Exit statuses of the CLI besides 0 and 2 (bad input).
 EXIT_TRAINING_FAULT = 3  # a non-finite step, or a checkpoint that could not be written
@@ -227,6 +256,10 @@ class TrainConfig:
     init_epoch: int = _DEFAULTS["init_epoch"]
     divide_twice: bool = _DEFAULTS["divide_twice"]
     softmax_twice: bool = _DEFAULTS["softmax_twice"]
+    label_issue_probabilities: str = _DEFAULTS["label_issue_probabilities"]
+    label_quality_score: str = _DEFAULTS["label_quality_score"]
+    label_issue_filter: str = _DEFAULTS["label_issue_filter"]
+    write_clean_labels: str = _DEFAULTS["write_clean_labels"]
 
 
 def config_problems(config):
@@ -258,6 +291,7 @@ def config_problems(config):
         problems.append(f"--method={c.method!r} is unknown; choose one of {METHODS}.")
     else:
         problems += method_flag_problems(c)
+        problems += label_issue_problems(c)
     need(0.0 <= c.noise_rate < 1.0, f"--noise_rate={c.noise_rate} must be in [0, 1).")
     need(-1.0 <= c.tau <= 1.0, f"--tau={c.tau} must be in [-1, 1].")
     need(0.0 <= c.epsilon < 1.0, f"--epsilon={c.epsilon} must be in [0, 1).")
@@ -407,6 +441,74 @@ def method_flag_problems(config):
     if c.init_epoch < 0:
         problems.append(f"--init_epoch={c.init_epoch} must be >= 0.")
     return problems
+
+
+def label_issue_problems(config):
+    """Problems of the label-issue flags (`config.method` is known)."""
+    c, problems = config, []
+    choices = ("auto", *LABEL_ISSUE_NETWORKS[c.method])
+    if c.label_issue_probabilities not in choices:
+        problems.append(
+            f"--label_issue_probabilities={c.label_issue_probabilities!r}: "
+            f"--method={c.method} has {choices}; choose one of those."
+        )
+    elif label_issue_network(c) in UNTRAINED_WITHOUT and not _trains(
+        c, label_issue_network(c)
+    ):
+        problems.append(
+            f"--label_issue_probabilities={c.label_issue_probabilities}: that "
+            "network is not trained in this run "
+            f"({UNTRAINED_WITHOUT[label_issue_network(c)]}); choose another."
+        )
+    if c.label_quality_score not in LABEL_QUALITY_SCORES:
+        problems.append(
+            f"--label_quality_score={c.label_quality_score!r} is unknown; choose "
+            f"one of {LABEL_QUALITY_SCORES}."
+        )
+    if c.label_issue_filter not in LABEL_ISSUE_FILTERS:
+        problems.append(
+            f"--label_issue_filter={c.label_issue_filter!r} is unknown; choose one "
+            f"of {LABEL_ISSUE_FILTERS}."
+        )
+    if c.write_clean_labels and c.write_clean_labels not in CLEAN_LABEL_MODES:
+        problems.append(
+            f"--write_clean_labels={c.write_clean_labels!r} is unknown; choose one "
+            f"of {CLEAN_LABEL_MODES}, or leave it empty."
+        )
+    elif c.write_clean_labels and not c.dataset.startswith("folder:"):
+        problems.append(
+            f"--write_clean_labels writes a --labels_csv file for folder: "
+            f"datasets; --dataset={c.dataset} is not one. Use label_issues.csv "
+            "(its index column) to clean other data."
+        )
+    return problems
+
+
+# GAL's networks that a run may leave untrained, and why.
+UNTRAINED_WITHOUT = {
+    "student": "--notrain_student",
+    "twin_b": "the warm-up lasts every epoch",
+    "joint": "the warm-up lasts every epoch",
+}
+
+
+def _trains(config, network):
+    if network == "student":
+        return config.train_student
+    return config.warmup_epochs < config.epochs
+
+
+def label_issue_network(config):
+    """The network whose training-set probabilities score label issues:
+    `--label_issue_probabilities`, or for `auto` the joint prediction of two
+    networks (GAL's twins once split, else θA) and CE's one network."""
+    if config.label_issue_probabilities != "auto":
+        return config.label_issue_probabilities
+    if config.method == "ce":
+        return "net"
+    if config.method == "gal" and config.warmup_epochs >= config.epochs:
+        return "twin_a"
+    return "joint"
 
 
 def method_forget_rate(config):
@@ -584,13 +686,22 @@ class Prepared:
         return len(self.train_ids) == len(self.noisy)
 
 
-def _prepare(config, chief=True):
-    """Validation and data loading: everything that can fail on bad input."""
-    problems = config_problems(config)
-    if problems:
-        raise ValueError("\n".join(problems))
+@dataclasses.dataclass
+class TrainingData:
+    """A run's data: the dataset, its noisy (and clean) training labels, and the
+    split of `--noisy_validation_split`."""
 
-    from galkeras import checkpointing, export
+    data: object
+    noisy: object
+    clean: object
+    train_ids: object
+    heldout_ids: object
+    noise_rate_actual: float | None
+
+
+def load_training_data(config):
+    """Loads `config`'s dataset and makes its training labels and split, as a
+    run (or its resume) does; raises on bad data."""
     from galkeras.datasets import check_dataset_spec, load_dataset
     from galkeras.datasets.base import stand_in_dataset
 
@@ -614,6 +725,30 @@ def _prepare(config, chief=True):
         noise.actual_noise_rate(clean, noisy) if clean is not None else None
     )
     split = heldout_split(config, data, noisy)
+    return TrainingData(data, noisy, clean, *split, noise_rate_actual)
+
+
+def config_of_run(model_dir):
+    """The `TrainConfig` a run in `model_dir` started with (its `config.json`,
+    today's defaults for flags younger than the run)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        saved = json.load(f)
+    values = {**_DEFAULTS, **{k: v for k, v in saved.items() if k in _DEFAULTS}}
+    for name in ("image_size", "lr_decay_epochs"):
+        values[name] = tuple(values[name])
+    return TrainConfig(**values)
+
+
+def _prepare(config, chief=True):
+    """Validation and data loading: everything that can fail on bad input."""
+    problems = config_problems(config)
+    if problems:
+        raise ValueError("\n".join(problems))
+
+    from galkeras import checkpointing, export
+
+    loaded = load_training_data(config)
+    data, split = loaded.data, (loaded.train_ids, loaded.heldout_ids)
     if config.batch_size > len(split[0]) and not config.dry_run:
         left = " left after --noisy_validation_split" if len(split[1]) else ""
         raise ValueError(
@@ -647,7 +782,14 @@ def _prepare(config, chief=True):
         export.check_export_base(export_dir)
         lock = checkpointing.RunLock(model_dir).acquire()
     return Prepared(
-        data, noisy, clean, *split, noise_rate_actual, model_dir, export_dir, lock
+        data,
+        loaded.noisy,
+        loaded.clean,
+        *split,
+        loaded.noise_rate_actual,
+        model_dir,
+        export_dir,
+        lock,
     )
 
 
@@ -703,7 +845,7 @@ def _train(config, strategy, prepared):
         keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
     try:
         with strategy.scope():
-            method, training_set = _build(config, prepared)
+            method, training_set = build_run(config, prepared)
         try:
             run_directory.write_run_record(
                 prepared.model_dir,
@@ -729,7 +871,7 @@ def _train(config, strategy, prepared):
         keras.mixed_precision.set_global_policy(policy)
 
 
-def _build(config, prepared):
+def build_run(config, prepared):
     """The compiled method and its `TrainingSet` (inside the strategy's scope)."""
     from galkeras import augment, backbones, optimizers
     from galkeras.training_set import TrainingSet
@@ -970,6 +1112,7 @@ def _export_and_summarise(
         export_path = export.export_classifier(
             served, export_dir, prepared.data.class_names
         )
+    issues = _write_label_issues(config, method, prepared)
     trained_epochs = config.epochs - start_step / training_set.steps_per_epoch
     summary = summarise(history, config.warmup_epochs, reported)
     summary.update(
@@ -992,6 +1135,7 @@ def _export_and_summarise(
             "model_dir": model_dir,
             "export_path": export_path,
             "keras_path": keras_path,
+            "label_issues": issues,
         }
     )
     # summary.json marks the run finished: it appears whole or not at all.
@@ -1000,6 +1144,63 @@ def _export_and_summarise(
         json.dump(summary, f, indent=2)
     os.replace(summary_path + ".partial", summary_path)
     return summary
+
+
+def _write_label_issues(config, method, prepared):
+    """Scores every training-split sample's label under the trained networks
+    (held-out samples too, out-of-sample) and writes `label_issues.csv`, and
+    with `--write_clean_labels` the cleaned `labels.csv`, in the run directory.
+    Returns the summary's `label_issues` entry (None on a non-chief worker, which
+    computes its share and writes nothing)."""
+    from galkeras import label_issues
+
+    data = prepared.data
+    network = label_issue_network(config)
+    probabilities = label_issues.network_probabilities(
+        method, network, data.x_train, batch_size=max(config.batch_size, 256)
+    )
+    if prepared.export_dir is None and not config.dry_run:
+        return None
+    issues = label_issues.find_label_issues(
+        probabilities,
+        prepared.noisy,
+        score=config.label_quality_score,
+        filter_by=config.label_issue_filter,
+        heldout_ids=() if prepared.trains_on_all else prepared.heldout_ids,
+        paths=data.train_paths,
+    )
+    # The run's own files: a run is written once, and a finished one is never
+    # trained again, so these replace only what a run cut short had written.
+    path = label_issues.write_label_issues(
+        os.path.join(prepared.model_dir, label_issues.FILE_NAME),
+        issues,
+        data.class_names,
+        overwrite=True,
+    )
+    entry = {
+        "path": path,
+        "issues": int(issues.is_issue.sum()),
+        "samples": len(issues.is_issue),
+        "probabilities": network,
+        "score": config.label_quality_score,
+        "filter": config.label_issue_filter,
+    }
+    if config.write_clean_labels:
+        entry["clean_labels"] = config.write_clean_labels
+        entry["clean_labels_path"] = label_issues.write_clean_labels_csv(
+            os.path.join(prepared.model_dir, label_issues.CLEAN_LABELS_FILE),
+            issues,
+            config.write_clean_labels,
+            data.class_names,
+            # A second round of cleaning keeps what the first one dropped.
+            dropped_before=(
+                label_issues.dropped_paths(config.labels_csv)
+                if config.labels_csv
+                else ()
+            ),
+            overwrite=True,
+        )
+    return entry
 
 
 def build_method(config, make):
@@ -1293,6 +1494,32 @@ def define_flags(flag_values=None):
         d["softmax_twice"],
         "coteaching_plus: cross entropy of the probabilities after init_epoch, as "
         "the official code does.",
+    )
+    define.string(
+        "label_issue_probabilities",
+        d["label_issue_probabilities"],
+        "Whose training-set probabilities score label_issues.csv: a network of "
+        f"the method ({', '.join(LABEL_ISSUE_NETWORKS)}) or auto "
+        "(GAL and the two-network peers: their joint prediction; ce: net).",
+    )
+    define.string(
+        "label_quality_score",
+        d["label_quality_score"],
+        f"One of {LABEL_QUALITY_SCORES}: cleanlab's label quality score of each "
+        "given label (low: probably wrong).",
+    )
+    define.string(
+        "label_issue_filter",
+        d["label_issue_filter"],
+        f"One of {LABEL_ISSUE_FILTERS}: cleanlab's find_label_issues filter that "
+        "sets is_issue.",
+    )
+    define.string(
+        "write_clean_labels",
+        d["write_clean_labels"],
+        f"One of {CLEAN_LABEL_MODES} (default: none): also write <model_dir>/"
+        "labels.csv for folder: datasets, the issues dropped or relabelled, to "
+        "train again with --labels_csv.",
     )
     define.bool(
         "dry_run",

@@ -68,6 +68,10 @@ class Dataset:
             for model selection (Clothing1M's protocol: report the test
             accuracy at the epoch of best validation accuracy).
         y_val: int64 array `[V]` or None, its labels.
+        train_paths: tuple of `N` str or None. For sources of image files
+            (`folder:`, Clothing1M), each training image's path relative to the
+            dataset's root, as `label_issues.csv` and a `--labels_csv` file name
+            them.
 
     Raises:
         DatasetError: if shapes, dtypes, lengths or labels are inconsistent.
@@ -88,6 +92,7 @@ class Dataset:
     skipped_images: int = 0
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    train_paths: tuple[str, ...] | None = None
 
     def __post_init__(self):
         def fail(message):
@@ -166,6 +171,13 @@ class Dataset:
                     )
                 label_sets[set_name] = labels
             set_field("noisy_label_sets", label_sets)
+        if self.train_paths is not None:
+            set_field("train_paths", tuple(str(p) for p in self.train_paths))
+            if len(self.train_paths) != len(self.x_train):
+                fail(
+                    f"train_paths has {len(self.train_paths)} paths for "
+                    f"{len(self.x_train)} images."
+                )
 
         num_channels = self.image_shape[-1]
         if (self.mean is None or self.std is None) and not isinstance(

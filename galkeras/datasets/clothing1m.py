@@ -133,4 +133,5 @@ def load_clothing1m(
         skipped_images=skipped,
         x_val=splits["validation"][0],
         y_val=splits["validation"][1],
+        train_paths=[os.path.relpath(p, manual) for p in splits["train"][0].paths],
     )

@@ -9,8 +9,10 @@ Two layouts, like `keras.utils.image_dataset_from_directory`:
 Optionally `labels_csv` (a UTF-8 file of `path,label` lines, paths relative to
 PATH; a byte order mark, as Excel's "CSV UTF-8" writes, is skipped) gives the
 training labels when they do not follow the folders; a label is a class name or
-an integer id. Images are decoded once into memory (RGB), resized to
-`image_size` (default: the first image's size).
+an integer id, and an empty label leaves that image out of training (a cleaned
+label file of `galkeras.label_issues` drops issues so). Training images the file
+does not list keep their folder's label. Images are decoded once into memory
+(RGB), resized to `image_size` (default: the first image's size).
 
 Symbolic links are followed only while they stay inside PATH: a folder or image
 whose real path leaves PATH is refused, as a `labels_csv` path that leaves it
@@ -26,6 +28,8 @@ import numpy as np
 from galkeras.datasets.base import Dataset, DatasetError, register, stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The label of a `labels_csv` row with an empty label: not a training image.
+DROPPED = -1
 
 
 def _check_inside(path, root):
@@ -161,7 +165,9 @@ def _parse_labels_csv(rows, csv_path, root, classes):
                 f"{where}: path {rel!r} leaves the dataset root {root}; paths must "
                 "be relative and stay inside it."
             )
-        if label in classes:
+        if label == "":
+            label_id = DROPPED
+        elif label in classes:
             label_id = classes.index(label)
         else:
             try:
@@ -171,7 +177,7 @@ def _parse_labels_csv(rows, csv_path, root, classes):
                     f"{where}: label {label!r} is neither a class name {classes} "
                     "nor an integer."
                 ) from None
-        if not 0 <= label_id < len(classes):
+        if label_id != DROPPED and not 0 <= label_id < len(classes):
             raise DatasetError(
                 f"{where}: label {label_id} is outside [0, {len(classes)})."
             )
@@ -252,6 +258,17 @@ def load_folder(
             ],
             np.int64,
         )
+        listed = train_labels != DROPPED
+        train_paths = [p for p, keep in zip(train_paths, listed) if keep]
+        train_labels = train_labels[listed]
+        left = set(train_labels.tolist())
+        empty = [c for i, c in enumerate(classes) if i not in left]
+        if empty:
+            raise DatasetError(
+                f"{labels_csv} leaves no training image in class(es) {empty}: "
+                "give each class at least one (a row with an empty label drops "
+                "that image)."
+            )
     x_train, kept_train, size = _decode(train_paths, image_size, skip_corrupt_images)
     x_test, kept_test, _ = _decode(test_paths, size, skip_corrupt_images)
     skipped = int((~kept_train).sum() + (~kept_test).sum())
@@ -265,4 +282,7 @@ def load_folder(
         class_names=tuple(classes),
         augmentation="crop_flip",
         skipped_images=skipped,
+        train_paths=[
+            os.path.relpath(p, root) for p, keep in zip(train_paths, kept_train) if keep
+        ],
     )
