@@ -699,18 +699,22 @@ def plot_curves(results, methods, path):
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "benchmarks/results/memorisation", "Output directory.")
-flags.DEFINE_string("npz", DEFAULT_NPZ, "Dataset npz (default: Fashion-MNIST).")
-flags.DEFINE_bool("quick", False, "A one-minute smoke version (used by the tests).")
-flags.DEFINE_list("regimes", list(REGIMES), f"Subset of {tuple(REGIMES)}.")
-flags.DEFINE_list("noises", list(NOISES), f"Subset of {tuple(NOISES)}.")
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds (weights, batches and noisy labels).")
-flags.DEFINE_list("methods", [], "Subset of the methods (default: all).")
-flags.DEFINE_enum(
-    "sweep_granularity", "channel", GRANULARITIES, "Granularity of the τ sweep."
-)
-flags.DEFINE_integer("jobs", 2, "Trainings run at once, each on one thread.")
-flags.DEFINE_bool("report_only", False, "Only collect finished runs and write.")
+
+
+def define_flags():
+    """The benchmark's flags (defined when it runs, not when it is imported)."""
+    flags.DEFINE_string("out", "benchmarks/results/memorisation", "Output directory.")
+    flags.DEFINE_string("npz", DEFAULT_NPZ, "Dataset npz (default: Fashion-MNIST).")
+    flags.DEFINE_bool("quick", False, "A one-minute smoke version (used by the tests).")
+    flags.DEFINE_list("regimes", list(REGIMES), f"Subset of {tuple(REGIMES)}.")
+    flags.DEFINE_list("noises", list(NOISES), f"Subset of {tuple(NOISES)}.")
+    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (weights, batches and noisy labels).")
+    flags.DEFINE_list("methods", [], "Subset of the methods (default: all).")
+    flags.DEFINE_enum(
+        "sweep_granularity", "channel", GRANULARITIES, "Granularity of the τ sweep."
+    )
+    flags.DEFINE_integer("jobs", 2, "Trainings run at once, each on one thread.")
+    flags.DEFINE_bool("report_only", False, "Only collect finished runs and write.")
 
 
 def main(argv):
@@ -770,4 +774,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

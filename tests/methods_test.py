@@ -237,6 +237,11 @@ def test_each_peer_serves_the_network_its_summary_reports(tmp_path):
         accuracy = 100 * np.mean(class_id == data.y_test)
         assert summary["reported_network"] == "net1"
         assert accuracy == pytest.approx(summary["net1"]["last"], abs=1e-3), method
+        # Its label issues are scored with the joint prediction, one row each.
+        issues = summary["label_issues"]
+        assert issues["probabilities"] == "joint"
+        with open(issues["path"]) as f:
+            assert len(f.readlines()) == 1 + summary["train_examples"]
 
 
 def test_flags_of_other_methods_and_bad_forget_rates_are_refused():
