@@ -24,6 +24,7 @@ _SUBMODULES = (
     "model",
     "noise",
     "optimizers",
+    "predict",
     "report",
     "reproduce",
     "run_logging",
