@@ -197,8 +197,13 @@ def resolve_model_version(model_path):
             and _is_saved_model(os.path.join(path, name))
         ]
     if not versions:
+        problem = (
+            "holds no SavedModel version"
+            if os.path.isdir(path)
+            else "is a file, not a SavedModel folder"
+        )
         raise PredictError(
-            f"{path} holds no SavedModel version: expected a model base path of "
+            f"{path} {problem}: expected a model base path of "
             f"integer version directories ({os.path.join(path, '1', 'saved_model.pb')}"
             ", ...), as python -m galkeras.train exports to saved_models/<run>/, or "
             "one version directory holding saved_model.pb."
