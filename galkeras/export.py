@@ -121,6 +121,11 @@ def export_classifier(model, base_path, class_names=None):
             shutil.rmtree(staging)
 
 
+# The start of `checked_image_batch`'s refusal, which `served_image_shape` also
+# reads back from an export's graph.
+_SHAPE_MESSAGE = "image must be uint8 [N, {expected}]; received shape ["
+
+
 def checked_image_batch(image, image_shape):
     """`image` with the static shape `[None, *image_shape]`, once a graph check
     has found that it has that shape; otherwise an `InvalidArgumentError` that
@@ -133,9 +138,7 @@ def checked_image_batch(image, image_shape):
     shape = tf.shape(image, out_type=tf.int64)
     expected = ", ".join(str(d) for d in image_shape)
     received = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
-    message = tf.strings.join(
-        [f"image must be uint8 [N, {expected}]; received shape [", received, "]"]
-    )
+    message = tf.strings.join([_SHAPE_MESSAGE.format(expected=expected), received, "]"])
     has_rank = tf.equal(tf.size(shape), len(image_shape) + 1)
     # Slicing the shape of an image of another rank would fail with a message of
     # its own, so the sizes are compared only once the rank is right.
@@ -146,6 +149,62 @@ def checked_image_batch(image, image_shape):
     )
     with tf.control_dependencies([tf.debugging.Assert(has_shape, [message])]):
         return tf.ensure_shape(tf.identity(image), (None, *image_shape))
+
+
+def served_image_shape(serving_fn):
+    """The `(H, W, C)` images that an export's `serving_default` accepts.
+
+    The signature declares `image` with an open shape (see `export_classifier`),
+    so the shape is read from the check that `checked_image_batch` put in the
+    graph: the one constant that starts its refusal message.
+
+    Args:
+        serving_fn: the loaded signature,
+            `tf.saved_model.load(path).signatures["serving_default"]`.
+
+    Returns:
+        A tuple of three ints, or None for a SavedModel that `export_classifier`
+        did not write.
+    """
+    pattern = re.escape(_SHAPE_MESSAGE).replace(
+        re.escape("{expected}"), r"(\d+), (\d+), (\d+)"
+    )
+    graph_def = serving_fn.graph.as_graph_def()
+    nodes = [*graph_def.node]
+    for function in graph_def.library.function:
+        nodes += function.node_def
+    for node in nodes:
+        if node.op != "Const" or node.attr["dtype"].type != tf.string.as_datatype_enum:
+            continue
+        for value in node.attr["value"].tensor.string_val:
+            match = re.fullmatch(pattern, value.decode("utf-8", "replace"))
+            if match:
+                return tuple(int(d) for d in match.groups())
+    return None
+
+
+def served_class_names(serving_fn):
+    """The class names, indexed by class id, that an export's `class_name`
+    output is gathered from; None for an export without class names.
+
+    `serving_default` returns the name of the most probable class only; the
+    whole list is the one string tensor of K names that the signature captured.
+
+    Args:
+        serving_fn: the loaded signature, as for `served_image_shape`.
+    """
+    outputs = serving_fn.structured_outputs
+    if "class_name" not in outputs or "probabilities" not in outputs:
+        return None
+    num_classes = outputs["probabilities"].shape[-1]
+    names = [
+        t
+        for t in serving_fn.captured_inputs
+        if t.dtype == tf.string and t.shape.as_list() == [num_classes]
+    ]
+    if len(names) != 1:
+        return None
+    return tuple(name.decode("utf-8") for name in names[0].numpy())
 
 
 def load_keras_model(path):

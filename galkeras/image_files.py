@@ -11,6 +11,10 @@ import os
 
 import numpy as np
 
+# The file names that count as images when a folder is searched (`folder:PATH`
+# datasets, `python -m galkeras.predict`).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
 # Leading bytes of the image formats `tf.io.decode_image` reads.
 _SIGNATURES = (
     b"\xff\xd8\xff",  # JPEG
@@ -78,12 +82,7 @@ class ImageFiles:
         """One image as a uint8 `(H, W, C)` tensor: read, decode, resize."""
         import tensorflow as tf
 
-        image = tf.io.decode_image(
-            tf.io.read_file(path), channels=self.channels, expand_animations=False
-        )
-        image = tf.image.resize(image, self.image_size, antialias=True)
-        image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-        return tf.ensure_shape(image, (*self.image_size, self.channels))
+        return decode_image(tf.io.read_file(path), self.image_size, self.channels)
 
     def decode_paths(self, paths):
         """A batch of path strings `[b]` as uint8 images `[b, H, W, C]` (graph op)."""
@@ -97,6 +96,36 @@ class ImageFiles:
             ),
             parallel_iterations=16,
         )
+
+
+def decode_image(contents, image_size=None, channels=3):
+    """Encoded image bytes as a uint8 `(H, W, channels)` tensor, as training
+    decodes every image file.
+
+    `tf.io.decode_image` converts the file's channels: greyscale is repeated into
+    RGB, an alpha channel is dropped, and RGB becomes greyscale for
+    `channels=1`. The image is then resized to `image_size` (bilinear, with
+    antialiasing, ignoring the aspect ratio), which leaves an image of that size
+    unchanged.
+
+    Args:
+        contents: scalar string tensor (or bytes), the file's contents.
+        image_size: `(H, W)`, or None to keep the image's own size.
+        channels: 3 (RGB) or 1 (greyscale).
+
+    Raises:
+        tf.errors.InvalidArgumentError: for contents that are not a JPEG, PNG,
+            GIF, BMP or WebP image, or that TensorFlow cannot convert to
+            `channels` (a GIF to greyscale).
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
+    if image_size is None:
+        return image
+    image = tf.image.resize(image, image_size, antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return tf.ensure_shape(image, (*image_size, channels))
 
 
 def find_bad_image_files(paths, num_threads=16):

@@ -26,8 +26,8 @@ import os
 import numpy as np
 
 from galkeras.datasets.base import Dataset, DatasetError, register, stratified_split
+from galkeras.image_files import IMAGE_EXTENSIONS, decode_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # The label of a `labels_csv` row with an empty label: not a training image.
 DROPPED = -1
 
@@ -97,9 +97,7 @@ def _decode(paths, image_size, skip_corrupt):
     for path in paths:
         try:
             with open(path, "rb") as f:
-                image = tf.io.decode_image(
-                    f.read(), channels=3, expand_animations=False
-                )
+                image = decode_image(f.read(), image_size)
         except (tf.errors.InvalidArgumentError, OSError) as error:
             if not skip_corrupt:
                 raise DatasetError(
@@ -110,10 +108,6 @@ def _decode(paths, image_size, skip_corrupt):
             continue
         if image_size is None:
             image_size = tuple(int(d) for d in image.shape[:2])
-        if tuple(image.shape[:2]) != tuple(image_size):
-            image = tf.cast(
-                tf.round(tf.image.resize(image, image_size, antialias=True)), tf.uint8
-            )
         images.append(image.numpy())
         kept.append(True)
     if not images:
