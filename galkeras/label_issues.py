@@ -18,6 +18,7 @@ from memorising. cleanlab's own recipe uses out-of-fold probabilities instead
 `label_issues.csv` with other options, from its checkpoint, without training.
 """
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -46,25 +47,50 @@ def network_probabilities(method, network, images, batch_size=256):
     """float32 `[N, K]` class probabilities of `method.classifier(network)` on
     `images` (uint8 `[N, H, W, C]` or `ImageFiles`), un-augmented, in inference
     mode, spread over the method's strategy."""
+    return _network_outputs(method, [network], images, batch_size, softmax=True)[0]
+
+
+def network_logits(method, networks, images, batch_size=256):
+    """`{name: float32 [N, K] logits}` of `method.classifier(name)` for each of
+    `networks` on `images`, in one pass, as `network_probabilities` runs them
+    (`joint`: `log p_joint`)."""
+    networks = list(networks)
+    outputs = _network_outputs(method, networks, images, batch_size, softmax=False)
+    return dict(zip(networks, outputs))
+
+
+def _network_outputs(method, networks, images, batch_size, softmax):
     import tensorflow as tf
 
     from galkeras import sampling
     from galkeras.teacher import predict_over
 
-    model = method.classifier(network)
+    models = [method.classifier(name) for name in networks]
+    # One trace for every batch size: repeated calls (a pass per split) would
+    # otherwise trace twice each (the last batch is smaller).
+    signature = {
+        "image": tf.TensorSpec([None, *models[0].input_shape[1:]], tf.float32),
+        "id": tf.TensorSpec([None], tf.int64),
+    }
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[signature])
     def predict(batch):
-        logits = model(tf.cast(batch["image"], tf.float32), training=False)
-        return batch["id"], tf.nn.softmax(tf.cast(logits, tf.float32))
+        outputs = []
+        for model in models:
+            logits = tf.cast(model(batch["image"], training=False), tf.float32)
+            outputs.append(tf.nn.softmax(logits) if softmax else logits)
+        # Batch-major: the replicas' results are joined along the first axis.
+        return batch["id"], tf.stack(outputs, axis=1)
 
-    probabilities = None
+    stacked = None
     dataset = sampling.inference_dataset(images, batch_size)
     for ids, batch in predict_over(method.distribute_strategy, predict, dataset):
-        if probabilities is None:
-            probabilities = np.zeros((len(images), batch.shape[1]), np.float32)
-        probabilities[ids] = batch
-    return probabilities
+        if stacked is None:
+            stacked = np.zeros((len(images), *batch.shape[1:]), np.float32)
+        stacked[ids] = batch
+    if stacked is None:
+        return [None] * len(models)
+    return [stacked[:, i] for i in range(len(models))]
 
 
 def label_quality(probabilities, labels, score="self_confidence"):
@@ -253,7 +279,8 @@ class RunProblem(ValueError):
     names what is missing or does not match, and the fix."""
 
 
-def _finished_run_problems(model_dir):
+def finished_run_problems(model_dir):
+    """Why `model_dir` holds no finished run to rebuild (empty when it does)."""
     if not os.path.isdir(model_dir):
         return [f"--model_dir={model_dir}: no such directory."]
     needed = {
@@ -305,7 +332,7 @@ def from_run(
     from galkeras import train
 
     # Everything that can be refused is refused before TensorFlow loads.
-    problems = _finished_run_problems(model_dir)
+    problems = finished_run_problems(model_dir)
     if problems:
         raise RunProblem("\n".join(problems))
     config = dataclasses.replace(
@@ -328,10 +355,56 @@ def from_run(
                 "choose another output path."
             )
 
+    with restored_run(config) as (method, loaded):
+        probs = network_probabilities(
+            method,
+            train.label_issue_network(config),
+            loaded.data.x_train,
+            batch_size=max(config.batch_size, 256),
+        )
+    issues = find_label_issues(
+        probs,
+        loaded.noisy,
+        score=score,
+        filter_by=filter_by,
+        heldout_ids=(
+            () if len(loaded.train_ids) == len(loaded.noisy) else loaded.heldout_ids
+        ),
+        paths=loaded.data.train_paths,
+    )
+    class_names = loaded.data.class_names
+    written = [write_label_issues(out, issues, class_names, overwrite=True)]
+    if write_clean_labels:
+        before = dropped_paths(config.labels_csv) if config.labels_csv else ()
+        written.append(
+            write_clean_labels_csv(
+                clean_labels_out,
+                issues,
+                write_clean_labels,
+                class_names,
+                dropped_before=before,
+                overwrite=True,
+            )
+        )
+    return issues, written
+
+
+@contextlib.contextmanager
+def restored_run(config):
+    """The method of the finished run in `config.model_dir` and its
+    `train.TrainingData`, rebuilt as the run built them and restored from its
+    last checkpoint (read-only), under the run's mixed-precision policy:
+    `with restored_run(config) as (method, loaded): ...`.
+
+    Raises:
+        RunProblem: data that no longer give the labels the run recorded in
+            `labels.npz`, or a checkpoint that is unreadable or does not match.
+    """
     import keras
 
-    from galkeras import checkpointing
+    from galkeras import checkpointing, train
 
+    model_dir = config.model_dir
     loaded = train.load_training_data(config)
     record = os.path.join(model_dir, "labels.npz")
     with np.load(record) as saved:
@@ -342,8 +415,7 @@ def from_run(
         raise RunProblem(
             f"The data of --dataset={config.dataset} no longer give the labels "
             f"{record} recorded ({len(recorded)} then, {len(loaded.noisy)} now): "
-            "put the run's data back (and its --data_dir) to recompute its label "
-            "issues."
+            "put the run's data back (and its --data_dir) to rebuild the run."
         )
     policy = keras.mixed_precision.global_policy()
     if config.mixed_precision != "none":
@@ -371,38 +443,9 @@ def from_run(
             raise RunProblem(str(error)) from error
         if not step:
             raise RunProblem(f"{directory} holds no readable checkpoint.")
-        network = train.label_issue_network(config)
-        probs = network_probabilities(
-            method,
-            network,
-            loaded.data.x_train,
-            batch_size=max(config.batch_size, 256),
-        )
+        yield method, loaded
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    issues = find_label_issues(
-        probs,
-        loaded.noisy,
-        score=score,
-        filter_by=filter_by,
-        heldout_ids=() if prepared.trains_on_all else loaded.heldout_ids,
-        paths=loaded.data.train_paths,
-    )
-    class_names = loaded.data.class_names
-    written = [write_label_issues(out, issues, class_names, overwrite=True)]
-    if write_clean_labels:
-        before = dropped_paths(config.labels_csv) if config.labels_csv else ()
-        written.append(
-            write_clean_labels_csv(
-                clean_labels_out,
-                issues,
-                write_clean_labels,
-                class_names,
-                dropped_before=before,
-                overwrite=True,
-            )
-        )
-    return issues, written
 
 
 def define_flags(flag_values):
