@@ -6,6 +6,7 @@ existing version is never overwritten.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -53,15 +54,20 @@ def write_probe(directory):
     os.remove(probe)
 
 
-def export_classifier(model, base_path, class_names=None):
+def export_classifier(model, base_path, class_names=None, temperature=1.0):
     """Writes `model` (a logits classifier) as the next version under `base_path`.
 
     The `serving_default` signature takes raw images under the input name
     `image` (uint8 `[N, H, W, C]`, any batch size including 0; preprocessing is
-    inside the model) and returns `probabilities` (float32 `[N, K]`), `class_id`
-    (int64 `[N]`) and, when `class_names` are given, `class_name` (string `[N]`).
-    An `image` of another rank or image size is refused in the graph with
-    `InvalidArgumentError`, naming the expected and the received shape.
+    inside the model) and returns `probabilities` (float32 `[N, K]`,
+    `softmax(logits / temperature)`), `class_id` (int64 `[N]`, the argmax of the
+    logits, which no temperature changes) and, when `class_names` are given,
+    `class_name` (string `[N]`). An `image` of another rank or image size is
+    refused in the graph with `InvalidArgumentError`, naming the expected and
+    the received shape.
+
+    The temperature is a constant of the served graph (the run's summary.json
+    records it); the model itself is left as it is.
 
     The version is written to a temporary directory beside it and renamed into
     place, so a crash never leaves a half-written version, and an existing
@@ -70,9 +76,14 @@ def export_classifier(model, base_path, class_names=None):
     Returns:
         The path of the written version directory.
     """
+    if not 0 < float(temperature) < math.inf:
+        raise ValueError(
+            f"temperature must be a finite number > 0; got {temperature!r}."
+        )
     image_shape = tuple(model.input_shape[1:])
     num_classes = model.output_shape[-1]
     names = tf.constant(list(class_names)) if class_names else None
+    temperature = float(temperature)
 
     def serve(image):
         image = checked_image_batch(image, image_shape)
@@ -85,8 +96,8 @@ def export_classifier(model, base_path, class_names=None):
             ),
             lambda: tf.zeros([0, num_classes], tf.float32),
         )
-        probabilities = tf.nn.softmax(logits, axis=-1)
-        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        probabilities = tf.nn.softmax(logits / temperature, axis=-1)
+        class_id = tf.argmax(logits, axis=-1, output_type=tf.int64)
         outputs = {"probabilities": probabilities, "class_id": class_id}
         if names is not None:
             outputs["class_name"] = tf.gather(names, class_id)

@@ -95,6 +95,27 @@ def test_served_signature_checks_its_input_in_a_fresh_process(tmp_path):
         assert f"received shape {received}" in message, (name, message)
 
 
+def test_the_temperature_divides_the_served_logits_and_leaves_class_id(tmp_path):
+    import tensorflow as tf
+
+    model = backbones.small_cnn((8, 8, 1), 3, mean=[0.0], std=[1.0], width=2)
+    images = np.random.default_rng(1).integers(0, 256, (6, 8, 8, 1), np.uint8)
+    logits = model.predict(images, verbose=0).astype(np.float64)
+    served = {}
+    for t in (1.0, 0.25):
+        version = export.export_classifier(model, str(tmp_path), temperature=t)
+        loaded = tf.saved_model.load(version)
+        served[t] = loaded.signatures["serving_default"](image=tf.constant(images))
+        np.testing.assert_allclose(
+            served[t]["probabilities"].numpy(), _softmax(logits / t), atol=1e-5
+        )
+    np.testing.assert_array_equal(served[0.25]["class_id"], served[1.0]["class_id"])
+    np.testing.assert_array_equal(served[1.0]["class_id"], logits.argmax(-1))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be"):
+            export.export_classifier(model, str(tmp_path), temperature=bad)
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [
