@@ -95,8 +95,12 @@ def format_summary(summary):
     """The summary as a small table for the terminal."""
     networks = [n for n in ALL_NETWORKS if n in summary]
     with_selected = "selected" in summary[networks[0]]
+    # Summaries written before calibration was measured have none.
+    calibration = summary.get("calibration") or {}
+    measured = calibration.get("networks", {})
     header = f"{'network':<10}{'best*':>8}{'last':>8}{'last10':>8}{'best-last':>11}"
-    lines = [header + (f"{'selected':>10}" if with_selected else "")]
+    header += f"{'selected':>10}" if with_selected else ""
+    lines = [header + (f"{'ECE':>8}{'NLL':>8}" if measured else "")]
     for net in networks:
         s = summary[net]
         # Summaries written before `last10` existed have none.
@@ -105,6 +109,9 @@ def format_summary(summary):
         line += f"{s['best_minus_last']:>11.2f}"
         if with_selected:
             line += f"{s['selected']:>10.2f}"
+        if measured:
+            m = measured.get(net)
+            line += f"{m['ece']:>8.3f}{m['nll']:>8.3f}" if m else f"{'n/a':>16}"
         lines.append(line)
     lines.append(
         "* best is test-selected (the epoch of best test accuracy); last10: mean of "
@@ -114,8 +121,16 @@ def format_summary(summary):
             if with_selected
             else ""
         )
+        + (
+            "; ECE, NLL: of the last epoch's probabilities against the clean test "
+            "labels, uncalibrated"
+            if measured
+            else ""
+        )
         + "."
     )
+    if calibration.get("served"):
+        lines.append(served_line(calibration, summary))
     selection = summary.get("selection")
     if selection:
         lines.append(
@@ -163,3 +178,44 @@ def format_summary(summary):
         exported = EXPORTED_NAMES.get(summary.get("reported_network"), "θC")
         lines.append(f"exported {exported}: {summary['export_path']}")
     return "\n".join(lines)
+
+
+def served_line(calibration, summary):
+    """What the export serves: its temperature, where `T` came from and where
+    the fit ran, the test ECE and NLL before and after, or why it is not
+    calibrated."""
+    served = calibration["served"]
+    network = served["network"]
+    before = calibration["networks"].get(network)
+    name = EXPORTED_NAMES.get(network, network)
+    keras_file = f"{network}.keras"
+    if served["method"] == "none":
+        why = (
+            f"--calibrate=noise_corrected fell back to none: {served['fallback']}"
+            if served.get("fallback")
+            else "--calibrate=none"
+        )
+        return f"served {name} probabilities: uncalibrated ({why})"
+    transition = {
+        "known": "known from the synthetic noise",
+        "estimated": "estimated by confident learning",
+    }[served["transition"]]
+    where = {
+        "heldout": f"the {served['fit_samples']} held-out labels",
+        "training_set": f"the {served['fit_samples']} training-set labels (no "
+        "--noisy_validation_split: in-sample)",
+    }[served["fitted_on"]]
+    line = (
+        f"served {name} probabilities: noise-corrected temperature "
+        f"{served['temperature']:.4g}"
+        + (" (at the end of its search range)" if served.get("at_bound") else "")
+        + f", T {transition}, fitted on {where}"
+    )
+    if before:
+        line += (
+            f"; test ECE {before['ece']:.3f} -> {served['ece']:.3f}, NLL "
+            f"{before['nll']:.3f} -> {served['nll']:.3f}"
+        )
+    if summary.get("keras_path"):
+        line += f"; {keras_file} stays uncalibrated"
+    return line

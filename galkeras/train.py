@@ -104,6 +104,7 @@ _DEFAULTS = dict(
     label_quality_score="self_confidence",
     label_issue_filter="prune_by_noise_rate",
     write_clean_labels="",
+    calibrate="noise_corrected",
 )
 
 NOISE_TYPES = (*noise.NOISE_TYPES, *REAL_NOISE_TYPES)
@@ -126,6 +127,8 @@ LABEL_ISSUE_FILTERS = (
     "low_self_confidence",
 )
 CLEAN_LABEL_MODES = ("drop", "relabel")
+# A plain copy of `galkeras.calibration.METHODS` (a test checks they agree).
+CALIBRATIONS = ("none", "noise_corrected")
 # The networks each method can score label issues with.
 LABEL_ISSUE_NETWORKS = {
     "gal": ("joint", "student", "twin_a", "twin_b"),
@@ -192,6 +195,8 @@ RESUME_NEUTRAL = (
     "label_quality_score",
     "label_issue_filter",
     "write_clean_labels",
+    # Read only after training, when the export is calibrated.
+    "calibrate",
 )
 # Exit statuses of the CLI besides 0 and 2 (bad input).
 EXIT_TRAINING_FAULT = 3  # a non-finite step, or a checkpoint that could not be written
@@ -260,6 +265,7 @@ class TrainConfig:
     label_quality_score: str = _DEFAULTS["label_quality_score"]
     label_issue_filter: str = _DEFAULTS["label_issue_filter"]
     write_clean_labels: str = _DEFAULTS["write_clean_labels"]
+    calibrate: str = _DEFAULTS["calibrate"]
 
 
 def config_problems(config):
@@ -384,6 +390,7 @@ def config_problems(config):
         ("strategy", c.strategy, STRATEGIES),
         ("mixed_precision", c.mixed_precision, MIXED_PRECISION),
         ("on_nonfinite", c.on_nonfinite, ON_NONFINITE),
+        ("calibrate", c.calibrate, CALIBRATIONS),
     ):
         need(
             value in allowed, f"--{flag}={value!r} is unknown; choose one of {allowed}."
@@ -1102,15 +1109,18 @@ def _export_and_summarise(
     # for reloading in Keras: θC for GAL, θA for GAL-as-CE, the twins' joint
     # prediction for a run without θC, a peer's reported network.
     reported = reported_network(config)
+    temperature, calibration = _calibrate(config, method, prepared, reported)
     export_path = keras_path = None
     if export_dir is not None:  # not on a dry run, not on a non-chief worker
         served = method.classifier(reported)
-        # Written under a temporary name, then renamed: never half a file.
+        # Written under a temporary name, then renamed: never half a file. The
+        # .keras file keeps the network uncalibrated; the export divides its
+        # logits by the temperature.
         keras_path = os.path.join(model_dir, f"{reported}.keras")
         served.save(keras_path + ".partial.keras")
         os.replace(keras_path + ".partial.keras", keras_path)
         export_path = export.export_classifier(
-            served, export_dir, prepared.data.class_names
+            served, export_dir, prepared.data.class_names, temperature=temperature
         )
     issues = _write_label_issues(config, method, prepared)
     trained_epochs = config.epochs - start_step / training_set.steps_per_epoch
@@ -1136,6 +1146,7 @@ def _export_and_summarise(
             "export_path": export_path,
             "keras_path": keras_path,
             "label_issues": issues,
+            "calibration": calibration,
         }
     )
     # summary.json marks the run finished: it appears whole or not at all.
@@ -1144,6 +1155,30 @@ def _export_and_summarise(
         json.dump(summary, f, indent=2)
     os.replace(summary_path + ".partial", summary_path)
     return summary
+
+
+def _calibrate(config, method, prepared, reported):
+    """`(temperature, entry)`: each network's ECE and NLL on the clean test
+    split, and the temperature the reported network is served with under
+    `--calibrate` (fitted on the noisy held-out split, else the training set),
+    as `galkeras.calibration.calibrate_method` computes them; `entry` is
+    `summary.json`'s `calibration`. Every worker computes it (the inference is
+    spread over all of them)."""
+    from galkeras import calibration
+
+    result, entry = calibration.calibrate_method(
+        method,
+        LABEL_ISSUE_NETWORKS[config.method],
+        reported,
+        prepared.data,
+        prepared.noisy,
+        heldout_ids=() if prepared.trains_on_all else prepared.heldout_ids,
+        calibration=config.calibrate,
+        noise_type=config.noise_type,
+        noise_rate=config.noise_rate,
+        batch_size=max(config.batch_size, 256),
+    )
+    return result.temperature, entry
 
 
 def _write_label_issues(config, method, prepared):
@@ -1520,6 +1555,15 @@ def define_flags(flag_values=None):
         f"One of {CLEAN_LABEL_MODES} (default: none): also write <model_dir>/"
         "labels.csv for folder: datasets, the issues dropped or relabelled, to "
         "train again with --labels_csv.",
+    )
+    define.string(
+        "calibrate",
+        d["calibrate"],
+        f"One of {CALIBRATIONS}: the exported network's probabilities as they "
+        "are, or divided by one temperature fitted so that, passed through the "
+        "label noise (known, or estimated by confident learning), they best "
+        "explain the noisy held-out labels (the training set's without "
+        "--noisy_validation_split).",
     )
     define.bool(
         "dry_run",

@@ -1,12 +1,13 @@
 """Calibration: ECE and NLL by hand, the noise-corrected temperature fit on
 posteriors whose temperature is known, the transition matrices of the synthetic
-noises, the refusals and the fall-back."""
+noises, the refusals and the fall-back, and one run end to end."""
 
 import json
 import logging
 
 import numpy as np
 import pytest
+from conftest import run_module, tiny_data, tiny_run_config
 
 from galkeras import calibration, noise
 
@@ -187,3 +188,76 @@ def test_without_a_usable_matrix_calibration_falls_back_with_a_warning(caplog):
     )
     with pytest.raises(ValueError, match="platt"):
         calibration.calibrate(logits, noisy, "sym", 0.2, method="platt")
+
+
+@pytest.mark.large
+def test_a_run_serves_its_calibrated_network_and_from_run_recomputes_it(tmp_path):
+    import tensorflow as tf
+
+    from galkeras import export, summary, train
+
+    images, labels = tiny_data(n=150, shape=(6, 6, 1))
+    test_images, test_labels = tiny_data(n=30, seed=1, shape=(6, 6, 1))
+    path = tmp_path / "toy.npz"
+    np.savez(
+        path, x_train=images, y_train=labels, x_test=test_images, y_test=test_labels
+    )
+    config = tiny_run_config(
+        tmp_path,
+        f"npz:{path}",
+        noise_rate=0.3,
+        batch_size=30,
+        noisy_validation_split=0.2,
+    )
+    result = train.run(config)
+    entry = result["calibration"]
+    assert set(entry["networks"]) == {"twin_a", "twin_b", "joint", "student"}
+    served = entry["served"]
+    assert served["network"] == "student" and served["method"] == "noise_corrected"
+    assert served["transition"] == "known" and served["fitted_on"] == "heldout"
+    assert served["fit_samples"] == result["heldout_examples"] > 0
+    t = served["temperature"]
+    assert 0 < t and t != 1.0
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["calibration"] == json.loads(json.dumps(entry))
+    text = summary.format_summary(result)
+    assert "ECE" in text and "NLL" in text
+    assert f"noise-corrected temperature {t:.4g}" in text
+    assert "student.keras stays uncalibrated" in text
+
+    # The export divides θC's logits by t; student.keras keeps them as they are.
+    student = export.load_keras_model(result["keras_path"])
+    logits = student.predict(test_images, verbose=0).astype(np.float64)
+    loaded = tf.saved_model.load(result["export_path"])
+    outputs = loaded.signatures["serving_default"](image=tf.constant(test_images))
+    np.testing.assert_allclose(
+        outputs["probabilities"].numpy(), calibration.softmax(logits, t), atol=1e-5
+    )
+    np.testing.assert_array_equal(outputs["class_id"].numpy(), logits.argmax(1))
+    assert served["ece"] == pytest.approx(
+        calibration.expected_calibration_error(
+            calibration.softmax(logits, t), test_labels
+        ),
+        abs=1e-5,
+    )
+
+    # Recomputed from the checkpoint: the same numbers, nothing written.
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    again, again_entry = calibration.from_run(str(tmp_path / "run"))
+    assert again.temperature == pytest.approx(t, rel=1e-5)
+    assert again_entry["networks"]["joint"]["ece"] == pytest.approx(
+        entry["networks"]["joint"]["ece"], abs=1e-6
+    )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    none, _ = calibration.from_run(str(tmp_path / "run"), calibration="none")
+    assert none.temperature == 1.0
+
+
+def test_an_unknown_calibrate_exits_2_before_training(tmp_path):
+    result = run_module(
+        "galkeras.train", "--calibrate=platt", f"--model_dir={tmp_path / 'run'}"
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--calibrate='platt' is unknown" in result.stderr
+    assert "'noise_corrected'" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ from galkeras import (
     agreement,
     augment,
     backbones,
+    calibration,
     checkpointing,
     model,
     noise,
@@ -41,6 +42,7 @@ def test_cli_choices_match_the_library():
     assert train.ON_NONFINITE == model.ON_NONFINITE
     assert train.LOCK_FILE == checkpointing.LOCK_FILE
     assert train.AUGMENTATIONS == ("auto", *augment.AUGMENTATIONS)
+    assert train.CALIBRATIONS == calibration.METHODS
 
 
 @pytest.mark.large
@@ -97,8 +99,12 @@ def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
 
     images = load_dataset("digits").x_test[:50]
     np.save(tmp_path / "images.npy", images)
+    # student.keras is uncalibrated; the export divides its logits by t.
     student = keras.models.load_model(tmp_path / "run" / "student.keras")
-    want = keras.ops.softmax(student.predict(images, verbose=0)).numpy()
+    logits = student.predict(images, verbose=0)
+    t = summary["calibration"]["served"]["temperature"]
+    assert summary["calibration"]["served"]["transition"] == "known"
+    want = keras.ops.softmax(logits / t).numpy()
     script = (
         "import sys, numpy as np, tensorflow as tf\n"
         "sig = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
@@ -124,9 +130,9 @@ def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
     assert served.returncode == 0, served.stderr[-3000:]
     got = np.load(tmp_path / "served.npz")
     np.testing.assert_allclose(got["probabilities"], want, atol=1e-5)
-    np.testing.assert_array_equal(got["class_id"], want.argmax(1))
+    np.testing.assert_array_equal(got["class_id"], logits.argmax(1))
     assert got["class_id"].dtype == np.int64
-    np.testing.assert_array_equal(got["class_name"], want.argmax(1).astype(str))
+    np.testing.assert_array_equal(got["class_name"], logits.argmax(1).astype(str))
 
     # A second export goes to version 2 and leaves version 1 untouched; a second
     # run into the same model_dir is refused.
@@ -175,6 +181,7 @@ BAD_FLAGS = [
     (["--batch_size=0"], "--batch_size"),
     (["--epochs=5", "--warmup_epochs=6", "--lr_decay_epochs=2"], "--warmup_epochs"),
     (["--lr_decay_epochs=x"], "--lr_decay_epochs"),
+    (["--calibrate=platt"], "--calibrate"),
 ]
 
 
