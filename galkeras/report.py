@@ -15,7 +15,10 @@ paper's outputs from them (Yan et al., Applied Sciences 2023, 13(3), 1823):
   held-out split) per method and noise setting (Table 1 layout; its rows also
   cover Table 4's ablations), with the paper's numbers of Tables 1-3
   (`PAPER_RESULTS`) under the rows of the methods they report. Best is
-  test-selected and labelled so.
+  test-selected and labelled so. Runs that measured their calibration add its
+  test ECE and NLL, and the ECE of the served (calibrated) probabilities;
+- `reliability_figure`: one run's reliability diagram, each network's and the
+  served probabilities' accuracy against confidence on the clean test split.
 
 The functions take arguments; only `main` reads flags. Figures need matplotlib
 (`pip install "galkeras[report]"`) and are drawn on the non-interactive Agg
@@ -59,7 +62,7 @@ AGREEMENT_COLUMNS = {
     "agreement_ratio": "share of variables",
     "agreement_param_ratio": "share of parameters",
 }
-FIGURES = ("accuracy", "agreement", "tau", "table")
+FIGURES = ("accuracy", "agreement", "tau", "reliability", "table")
 
 DATASET_NAMES = {
     "cifar10": "CIFAR-10",
@@ -114,6 +117,8 @@ _TWIN_METHODS = {
 }
 _DEFAULT_CONFIG = train.TrainConfig()
 MISSING = "–"
+# Decimals of the table's calibration columns (accuracies in percent get one).
+_DIGITS = {"ece": 3, "nll": 3, "ece_served": 3}
 
 
 class Setting(NamedTuple):
@@ -511,16 +516,17 @@ def _percent(rate):
     return f"{100 * rate:g}"
 
 
-def _number(x):
-    text = f"{x:.1f}"
-    return "0.0" if text == "-0.0" else text
+def _number(x, digits=1):
+    text = f"{x:.{digits}f}"
+    return text[1:] if float(text) == 0 and text.startswith("-") else text
 
 
-def _mean_std(values):
-    """One decimal; "mean ± std" (std over runs, ddof=0) for two or more."""
+def _mean_std(values, digits=1):
+    """`digits` decimals; "mean ± std" (std over runs, ddof=0) for two or more."""
     if len(values) == 1:
-        return _number(values[0])
-    return f"{_number(statistics.fmean(values))} ± {_number(statistics.pstdev(values))}"
+        return _number(values[0], digits)
+    mean, std = statistics.fmean(values), statistics.pstdev(values)
+    return f"{_number(mean, digits)} ± {_number(std, digits)}"
 
 
 # ------------------------------------------------------------------ table
@@ -609,6 +615,9 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
     if any(r["selected"] is not None for rs in cells.values() for r in rs):
         keys.append("selected")
         headers.append("Selected")
+    if any(r["ece"] is not None for rs in cells.values() for r in rs):
+        keys += ["ece", "nll", "ece_served"]
+        headers += ["ECE", "NLL", "ECE served"]
     lines = []
     if cells:
         groups = "".join(
@@ -629,7 +638,8 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
                 for key in keys:
                     values = [r[key] for r in results]
                     # A cell is a mean over all its runs, or nothing.
-                    row.append(MISSING if None in values else _mean_std(values))
+                    digits = _DIGITS.get(key, 1)
+                    row.append(MISSING if None in values else _mean_std(values, digits))
             lines.append("| " + " | ".join(row) + " |")
             if paper and method in paper_rows:
                 lines.append(_paper_line(method, settings, len(keys)))
@@ -684,6 +694,15 @@ def table_markdown(runs, ablation_rows=False, paper=True, paper_methods=False):
             )
             + ". a ± b: mean ± std over the runs of a cell.",
         ]
+        if "ece" in keys:
+            lines += [
+                "",
+                "ECE (10 equal-width confidence bins) and NLL (nats): the last "
+                "epoch's probabilities against the clean test labels, "
+                "uncalibrated; ECE served: of the exported probabilities "
+                "(`--calibrate`, noise-corrected temperature by default), – where "
+                "the row's network is not the one exported.",
+            ]
     else:
         lines.append("No finished runs.")
     if notes:
@@ -729,12 +748,18 @@ def _results(run, network):
     if last10 is None and column and run.history[column]:
         recent = run.history[column][-train.LAST_EPOCHS :]
         last10 = 100.0 * sum(recent) / len(recent)
+    calibration = run.summary.get("calibration") or {}
+    measured = calibration.get("networks", {}).get(network) or {}
+    served = calibration.get("served") or {}
     return {
         "best": results["best"],
         "last": results["last"],
         "best_minus_last": results["best_minus_last"],
         "last10": last10,
         "selected": results.get("selected"),
+        "ece": measured.get("ece"),
+        "nll": measured.get("nll"),
+        "ece_served": served.get("ece") if served.get("network") == network else None,
     }
 
 
@@ -838,6 +863,71 @@ def accuracy_figure(run):
         ylabel="test accuracy (%)",
     )
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(run):
+    """The run's reliability diagram on the clean test split: per network, the
+    accuracy of each confidence bin (10 equal-width bins of the top-class
+    probability) against the bin's mean confidence, at the last epoch and
+    uncalibrated, and the served probabilities after `--calibrate` (thick);
+    the diagonal is perfect calibration. Each label gives the ECE.
+
+    Lines carry a `gid`: the network's name, "served" and "diagonal".
+
+    Args:
+        run: a finished `Run` whose `summary.json` has `calibration`.
+
+    Returns:
+        A matplotlib Figure.
+    """
+    calibration = (run.summary or {}).get("calibration")
+    if not calibration:
+        raise ValueError(
+            f"{run.path} has no calibration in its {SUMMARY} (unfinished, or "
+            "made before calibration was measured)."
+        )
+    fig, axes = _figure(figsize=(5.5, 5.5))
+    ax = axes[0, 0]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", gid="diagonal")
+
+    def curve(measured, label, gid, **style):
+        bins = measured["reliability"]
+        points = [
+            (c, a)
+            for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"])
+            if n
+        ]
+        if not points:
+            return
+        confidence, accuracy = zip(*points)
+        ax.plot(
+            confidence,
+            accuracy,
+            "o-",
+            label=f"{label} (ECE {measured['ece']:.3f})",
+            gid=gid,
+            **style,
+        )
+
+    for net, measured in calibration["networks"].items():
+        curve(measured, _network_label(run, net), net, lw=1, ms=3)
+    served = calibration.get("served")
+    if served and served["method"] != "none":
+        label = (
+            f"served {_network_label(run, served['network'])}, "
+            f"t = {served['temperature']:.3g}"
+        )
+        curve(served, label, "served", lw=2.5, ms=5, color="black")
+    ax.set(
+        title=f"{run.label}, {method_label(run)} ({run.name})",
+        xlabel="confidence (top-class probability)",
+        ylabel="accuracy on the clean test labels",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -1028,8 +1118,9 @@ def write_report(runs, out_dir, figures=FIGURES, agreement_column="agreement_rat
     """Writes the chosen outputs of `runs` into `out_dir`; returns the table's
     Markdown (None without "table") and a list of warnings.
 
-    Outputs: `accuracy_<run>.png` per run with a history, `agreement.png`,
-    `tau.png` and `table.md`. Existing files of the same names are replaced.
+    Outputs: `accuracy_<run>.png` per run with a history, `reliability_<run>.png`
+    per finished run that measured its calibration, `agreement.png`, `tau.png`
+    and `table.md`. Existing files of the same names are replaced.
     """
     os.makedirs(out_dir, exist_ok=True)
     warnings = []
@@ -1043,6 +1134,12 @@ def write_report(runs, out_dir, figures=FIGURES, agreement_column="agreement_rat
                 save(accuracy_figure(run), f"accuracy_{name}.png")
             except ValueError as error:
                 warnings.append(f"no accuracy figure: {error}")
+    if "reliability" in figures:
+        for run, name in zip(runs, output_names(runs)):
+            try:
+                save(reliability_figure(run), f"reliability_{name}.png")
+            except ValueError as error:
+                warnings.append(f"no reliability figure: {error}")
     if "agreement" in figures:
         try:
             save(agreement_figure(runs, agreement_column), "agreement.png")

@@ -203,6 +203,78 @@ def test_table_shows_last10_and_selected_from_the_summaries(tmp_path):
     assert "Selected: at the epoch of its best accuracy on the noisy held-out" in text
 
 
+def _calibration(ece, nll, served_ece, temperature=0.2, network="student"):
+    """summary.json's `calibration`: every GAL network at (ece, nll), with two
+    filled bins, and the served network at `served_ece`."""
+    bins = {
+        "count": [0] * 4 + [3, 0, 0, 0, 0, 7],
+        "confidence": [None] * 4 + [0.45, None, None, None, None, 0.95],
+        "accuracy": [None] * 4 + [1.0, None, None, None, None, 0.9],
+    }
+    measured = {"ece": ece, "nll": nll, "reliability": bins}
+    return {
+        "test_examples": 10,
+        "bins": 10,
+        "networks": {net: dict(measured) for net in report.NETWORKS},
+        "served": {
+            "network": network,
+            "method": "noise_corrected",
+            "temperature": temperature,
+            **measured,
+            "ece": served_ece,
+        },
+    }
+
+
+def test_table_shows_ece_nll_and_the_served_ece_where_runs_measured_them(tmp_path):
+    measured = _summary(CONFIG, "student", student=(93.6, 93.5))
+    measured["calibration"] = _calibration(0.4321, 1.23456, 0.0312)
+    again = _summary(CONFIG, "student", student=(93.6, 93.5))
+    again["calibration"] = _calibration(0.4121, 1.03456, 0.0112)
+    paths = [
+        write_run(tmp_path, "a", summary=measured),
+        write_run(tmp_path, "b", summary=again),
+        write_run(tmp_path, "old", noise_rate=0.5),
+    ]
+    text = report.table_markdown(
+        [report.load_run(p) for p in paths], ablation_rows=True, paper=False
+    )
+    lines = text.splitlines()
+    assert (
+        lines[2]
+        == "| |" + " Best† | Last | B−L | Last10 | ECE | NLL | ECE served |" * 2
+    )
+    gal = next(line for line in lines if line.startswith("| GAL |"))
+    cells = [c.strip() for c in gal.split("|")[1:-1]]
+    assert cells[5:8] == ["0.422 ± 0.010", "1.135 ± 0.100", "0.021 ± 0.010"]
+    assert cells[12:] == ["–", "–", "–"]  # the run made before calibration
+    # The joint prediction's row has its ECE, but it is not what is served.
+    joint = next(line for line in lines if line.startswith("| θA+θB+GAU |"))
+    assert [c.strip() for c in joint.split("|")[1:-1]][5:8] == [
+        "0.422 ± 0.010",
+        "1.135 ± 0.100",
+        "–",
+    ]
+    assert "ECE (10 equal-width confidence bins)" in text
+
+
+def test_reliability_figure_plots_each_network_and_the_served_bins(tmp_path):
+    summary = _summary(CONFIG, "student")
+    summary["calibration"] = _calibration(0.1, 0.5, 0.05, temperature=0.25)
+    run = report.load_run(write_run(tmp_path, "run", summary=summary))
+    fig = report.reliability_figure(run)
+    lines = {line.get_gid(): line for line in fig.axes[0].lines}
+    assert set(lines) == {"diagonal", "served", *report.NETWORKS}
+    # Empty bins are left out.
+    np.testing.assert_allclose(lines["served"].get_xdata(), [0.45, 0.95])
+    np.testing.assert_allclose(lines["twin_a"].get_ydata(), [1.0, 0.9])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "served θC, t = 0.25 (ECE 0.050)" in labels
+    old = report.load_run(write_run(tmp_path, "old"))
+    with pytest.raises(ValueError, match="no calibration"):
+        report.reliability_figure(old)
+
+
 def test_table_1_with_every_method_beside_the_papers_numbers(tmp_path):
     # A GAL run made before --method (no "method" key), a --method=ce run, two
     # peers, and a peer whose own flag splits its row; the peers' summaries
