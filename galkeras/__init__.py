@@ -16,6 +16,7 @@ _SUBMODULES = (
     "agreement",
     "augment",
     "backbones",
+    "calibration",
     "checkpointing",
     "datasets",
     "distill",
