@@ -20,8 +20,8 @@ moves.
 
 Measures on the clean test labels: the expected calibration error (ECE, 10
 equal-width bins of the top-class probability) and the negative log-likelihood
-(NLL). Everything below `calibrate` is NumPy; `measure_method` and `from_run`
-run a trained method's networks.
+(NLL). Everything up to `calibrate` is NumPy; `calibrate_method` and
+`from_run` run a trained method's networks.
 """
 
 import dataclasses
@@ -399,8 +399,8 @@ def calibrate(
         transition = "known"
         if matrix is None:
             transition = "estimated"
-            if not np.all(np.isfinite(z)) or not samples:
-                raise ValueError("The logits hold non-finite values; nothing to fit.")
+            if not samples or not np.all(np.isfinite(z)):
+                raise ValueError("No samples with finite logits to estimate T on.")
             matrix = estimate_transition_matrix(softmax(z), noisy_labels, num_classes)
         fit = fit_temperature(z, noisy_labels, matrix)
     except ValueError as error:

@@ -911,8 +911,9 @@ def reliability_figure(run):
             **style,
         )
 
-    for net, measured in calibration["networks"].items():
-        curve(measured, _network_label(run, net), net, lw=1, ms=3)
+    networks = calibration["networks"]
+    for net in sorted(networks, key=_network_order):
+        curve(networks[net], _network_label(run, net), net, lw=1, ms=3)
     served = calibration.get("served")
     if served and served["method"] != "none":
         label = (
@@ -927,9 +928,14 @@ def reliability_figure(run):
         xlim=(0, 1),
         ylim=(0, 1.02),
     )
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
+
+
+def _network_order(net):
+    order = train.ALL_NETWORKS
+    return order.index(net) if net in order else len(order)
 
 
 def _network_label(run, net):
