@@ -1,0 +1,173 @@
+"""Are the served probabilities calibrated? ECE before and after the noise-corrected
+temperature, for each method's reported network, against the clean test labels.
+
+Settings: the memorisation benchmark's reduced Fashion-MNIST regimes
+(`after_drop`, `in_warmup`) and noises (sym 50%, sym 80%, pairflip 45%), and
+`digits` at sym 50% with the quickstart's flags. Every method the CLI trains
+(`gal`, `ce`, `coteaching`, `coteaching_plus`, `jocor`) runs once (seed 0) with a
+noisy held-out split of 10% (`--noisy_validation_split=0.1`), on which the run
+fits its temperature (`--calibrate=noise_corrected`, the default, with T known
+from the synthetic noise). Each run's `summary.json` holds both measures:
+`calibration.networks[<reported>]` (uncalibrated) and `calibration.served`.
+
+Runs are normal `python -m galkeras.train` runs under `--out/runs` (not
+committed), so the benchmark is resumable and runs by parts (`--settings`);
+`results.json` keeps the settings it already holds.
+
+Usage:
+
+    python benchmarks/calibration.py --out=benchmarks/results/calibration --jobs=2
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import label_issues as label_issue_benchmark  # noqa: E402
+import memorisation  # noqa: E402
+
+METHODS = ("gal", "ce", "coteaching", "coteaching_plus", "jocor")
+HELDOUT = 0.1
+DIGITS = "digits_sym50"
+
+
+def settings_of(regimes, noises):
+    """Setting names: `<regime>_<noise>` and `digits_sym50`."""
+    return [f"{r}_{n}" for r in regimes for n in noises] + [DIGITS]
+
+
+def method_values(setting, method, subsets, seed):
+    """The flags of `method` in `setting`."""
+    if setting == DIGITS:
+        values = {
+            "flagfile": os.path.join(memorisation.ROOT, "flags", "quickstart.flags"),
+            "verbose": 0,
+            "seed": seed,
+            "noisy_validation_split": HELDOUT,
+        }
+        if method != "gal":
+            values["method"] = method
+        if method == "coteaching_plus":
+            values["init_epoch"] = 12  # the quickstart's warm-up
+        return values
+    regime_name, noise = setting.rsplit("_", 1)
+    regime = memorisation.REGIMES[regime_name]
+    values = label_issue_benchmark.method_values(
+        method, regime, noise, seed, f"npz:{subsets[regime_name]}"
+    )
+    values["noisy_validation_split"] = HELDOUT
+    return values
+
+
+def collect(setting_dir):
+    """`{method: measures}` of a setting's finished runs."""
+    results = {}
+    for method in METHODS:
+        path = os.path.join(setting_dir, method, "run", "summary.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            summary = json.load(f)
+        calibration = summary["calibration"]
+        served = calibration["served"]
+        before = calibration["networks"][served["network"]]
+        results[method] = {
+            "network": served["network"],
+            "accuracy": before["accuracy"],
+            "ece_before": before["ece"],
+            "ece_after": served["ece"],
+            "nll_before": before["nll"],
+            "nll_after": served["nll"],
+            "temperature": served.get("temperature"),
+            "transition": served.get("transition"),
+            "fitted_on": served.get("fitted_on"),
+            "fallback": served.get("fallback"),
+        }
+    return results
+
+
+def markdown(results):
+    lines = [
+        "ECE before → after (10 bins, clean test labels), NLL before → after, "
+        "and the temperature t, of each method's reported network.",
+        "",
+        "| setting | method | accuracy | ECE | NLL | t |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting, methods in results.items():
+        for method, r in methods.items():
+            t = r["temperature"]
+            lines.append(
+                f"| {setting} | {method} ({r['network']}) | "
+                f"{100 * r['accuracy']:.1f} | "
+                f"{r['ece_before']:.3f} → {r['ece_after']:.3f} | "
+                f"{r['nll_before']:.3f} → {r['nll_after']:.3f} | "
+                + ("–" if t is None else f"{t:.3f}")
+                + (f" ({r['fallback']})" if r.get("fallback") else "")
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The benchmark's flags."""
+    flags.DEFINE_string("out", "benchmarks/results/calibration", "Output directory.")
+    flags.DEFINE_string("npz", memorisation.DEFAULT_NPZ, "Dataset npz.")
+    flags.DEFINE_list(
+        "settings",
+        settings_of(memorisation.REGIMES, memorisation.NOISES),
+        "Subset of the settings.",
+    )
+    flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
+    flags.DEFINE_integer("seed", 0, "Seed of weights, batches and noise.")
+    flags.DEFINE_integer("jobs", 2, "Trainings run at once, each on one thread.")
+
+
+def main(argv):
+    del argv
+    known = settings_of(memorisation.REGIMES, memorisation.NOISES)
+    problems = [f"--settings: unknown {s!r}" for s in FLAGS.settings if s not in known]
+    problems += [f"--methods: unknown {m!r}" for m in FLAGS.methods if m not in METHODS]
+    if problems:
+        sys.exit("calibration: " + "; ".join(problems))
+    runs = os.path.join(FLAGS.out, "runs")
+    os.makedirs(runs, exist_ok=True)
+    subsets = {}
+    for name, regime in memorisation.REGIMES.items():
+        if any(s.startswith(f"{name}_") for s in FLAGS.settings):
+            subsets[name] = os.path.join(runs, f"{name}.npz")
+            if not os.path.exists(subsets[name]):
+                memorisation.make_subset(FLAGS.npz, regime, subsets[name])
+    trainings = [
+        label_issue_benchmark.Training(
+            os.path.join(runs, setting, method),
+            method_values(setting, method, subsets, FLAGS.seed),
+        )
+        for setting in FLAGS.settings
+        for method in FLAGS.methods
+    ]
+    label_issue_benchmark.run_trainings(trainings, FLAGS.jobs, print)
+    results_path = os.path.join(FLAGS.out, "results.json")
+    results = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            results = json.load(f)["results"]
+    for setting in FLAGS.settings:
+        results[setting] = collect(os.path.join(runs, setting))
+    results = {s: results[s] for s in known if s in results}
+    with open(results_path, "w") as f:
+        json.dump({"seed": FLAGS.seed, "results": results}, f, indent=1)
+    with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
+        f.write(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
