@@ -507,14 +507,20 @@ def _trains(config, network):
 
 def label_issue_network(config):
     """The network whose training-set probabilities score label issues:
-    `--label_issue_probabilities`, or for `auto` the joint prediction of two
-    networks (GAL's twins once split, else θA) and CE's one network."""
+    `--label_issue_probabilities`, or for `auto` GAL's θC (it found the flipped
+    labels better than the twins' joint prediction in 5 of the 6 settings of
+    `benchmarks/label_issues.py`; without θC the twins' joint prediction, or θA
+    before the split), the two-network peers' joint prediction and CE's one
+    network."""
     if config.label_issue_probabilities != "auto":
         return config.label_issue_probabilities
     if config.method == "ce":
         return "net"
-    if config.method == "gal" and config.warmup_epochs >= config.epochs:
-        return "twin_a"
+    if config.method == "gal":
+        if config.train_student:
+            return "student"
+        if config.warmup_epochs >= config.epochs:
+            return "twin_a"
     return "joint"
 
 
@@ -1534,8 +1540,8 @@ def define_flags(flag_values=None):
         "label_issue_probabilities",
         d["label_issue_probabilities"],
         "Whose training-set probabilities score label_issues.csv: a network of "
-        f"the method ({', '.join(LABEL_ISSUE_NETWORKS)}) or auto "
-        "(GAL and the two-network peers: their joint prediction; ce: net).",
+        f"the method ({', '.join(LABEL_ISSUE_NETWORKS)}) or auto (GAL: θC; the "
+        "two-network peers: their joint prediction; ce: net).",
     )
     define.string(
         "label_quality_score",

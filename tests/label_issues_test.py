@@ -203,11 +203,14 @@ def test_label_issue_flags_are_refused_before_training(tmp_path):
     assert "--notrain_student" in problem
     assert "is unknown" in problems(label_quality_score="entropy")[0]
     assert "is unknown" in problems(label_issue_filter="mine")[0]
-    # auto: the joint prediction of two networks, CE's one network.
+    # auto: GAL's θC, a peer's joint prediction, CE's one network.
     network = train.label_issue_network
-    assert network(train.TrainConfig()) == "joint"
+    assert network(train.TrainConfig()) == "student"
+    assert network(train.TrainConfig(train_student=False)) == "joint"
+    assert network(train.TrainConfig(method="jocor")) == "joint"
     assert network(train.TrainConfig(method="ce")) == "net"
-    assert network(train.TrainConfig(warmup_epochs=30, epochs=30)) == "twin_a"
+    ce_like = train.TrainConfig(warmup_epochs=30, epochs=30, train_student=False)
+    assert network(ce_like) == "twin_a"
 
     # The CLI: a directory without a finished run exits 2 and names what is missing.
     (tmp_path / "half").mkdir()

@@ -61,7 +61,7 @@ def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "student" in result.stdout and "exported" in result.stdout
-    assert "label issues:" in result.stdout and "(joint probabilities)" in result.stdout
+    assert "label issues:" in result.stdout and "(student probabilities)" in result.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     for net in ("twin_a", "twin_b", "joint", "student"):
         s = summary[net]
