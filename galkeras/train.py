@@ -459,8 +459,10 @@ def label_issue_problems(config):
             f"--label_issue_probabilities={c.label_issue_probabilities!r}: "
             f"--method={c.method} has {choices}; choose one of those."
         )
-    elif label_issue_network(c) in UNTRAINED_WITHOUT and not _trains(
-        c, label_issue_network(c)
+    elif (
+        c.method == "gal"
+        and label_issue_network(c) in UNTRAINED_WITHOUT
+        and not _trains(c, label_issue_network(c))
     ):
         problems.append(
             f"--label_issue_probabilities={c.label_issue_probabilities}: that "
@@ -500,6 +502,7 @@ UNTRAINED_WITHOUT = {
 
 
 def _trains(config, network):
+    """Whether GAL's `network` is trained by the run `config` describes."""
     if network == "student":
         return config.train_student
     return config.warmup_epochs < config.epochs

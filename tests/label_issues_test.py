@@ -201,6 +201,10 @@ def test_label_issue_flags_are_refused_before_training(tmp_path):
     assert "--method=ce has ('auto', 'net')" in problem
     (problem,) = problems(train_student=False, label_issue_probabilities="student")
     assert "--notrain_student" in problem
+    (problem,) = problems(epochs=5, warmup_epochs=5, label_issue_probabilities="joint")
+    assert "warm-up lasts every epoch" in problem
+    # The peers' joint prediction is trained whatever GAL's warm-up flag says.
+    assert problems(method="jocor", epochs=2) == []
     assert "is unknown" in problems(label_quality_score="entropy")[0]
     assert "is unknown" in problems(label_issue_filter="mine")[0]
     # auto: GAL's θC, a peer's joint prediction, CE's one network.

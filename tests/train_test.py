@@ -61,7 +61,9 @@ def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "student" in result.stdout and "exported" in result.stdout
-    assert "label issues:" in result.stdout and "(student probabilities)" in result.stdout
+    assert (
+        "label issues:" in result.stdout and "(student probabilities)" in result.stdout
+    )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     for net in ("twin_a", "twin_b", "joint", "student"):
         s = summary[net]
@@ -314,7 +316,10 @@ def test_deterministic_runs_are_bit_identical(tmp_path):
     for summary in summaries:
         for key in ("seconds_per_epoch", "model_dir", "export_path", "keras_path"):
             summary.pop(key)
+        summary["label_issues"].pop("path")  # in the run directory
     assert summaries[0] == summaries[1]
+    issues = [(tmp_path / n / "label_issues.csv").read_bytes() for n in "ab"]
+    assert issues[0] == issues[1]
 
 
 def _history(test, heldout=None, agreement=None):
