@@ -368,13 +368,13 @@ class CheckpointCallback(keras.callbacks.Callback):
     """Saves the run every epoch, every `every_n_steps` steps if > 0, and on SIGTERM.
 
     It reads the run's step from `gal.run_step`, which the train step itself
-    advances, so it needs no other callback to keep a count. A step that
-    stopped the run (`NonFiniteError`) is never saved: the methods' `fit`
-    raises that error from its own callback, which it puts before the caller's.
+    advances, so it needs no other callback to keep a count. Before every save
+    it checks for a non-finite step (`gal.nonfinite_stop`): a run that went
+    non-finite under `on_nonfinite="stop"` is never saved past the fault.
 
     Args:
         run_checkpoint: the run's `RunCheckpoint`, already restored.
-        gal: the `GAL` being trained.
+        gal: the `GAL` (or `NoisyLabelMethod`) being trained.
         steps_per_epoch: steps of one epoch.
         every_n_steps: also save every this many global steps (0: epochs only).
         cluster_resolver: the strategy's, for the preemption handler.
@@ -427,11 +427,16 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.run_checkpoint.cdas_fallbacks.assign(fallbacks)
         at_epoch_end = step % self.steps_per_epoch == 0  # saved by on_epoch_end
         if self.every_n_steps and not step % self.every_n_steps and not at_epoch_end:
-            self.run_checkpoint.save(step, fallbacks)
+            self.save(step)
         self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.run_checkpoint.save(self.gal.global_step, self.cdas_fallbacks())
+        self.save(self.gal.global_step)
+
+    def save(self, step):
+        """Saves the run at `step` (after checking for a non-finite step)."""
+        self.gal.nonfinite_stop.check()
+        return self.run_checkpoint.save(step, self.cdas_fallbacks())
 
     def close(self):
         """Gives SIGTERM back to whoever had it before training."""

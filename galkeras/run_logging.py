@@ -39,6 +39,9 @@ STEP_COLUMNS = tuple(k for k in LAST_STEP_KEYS if k != "agreement_per_variable")
 class RunLogger(keras.callbacks.Callback):
     """Writes a GAL run's step and epoch values to TensorBoard and `steps.csv`.
 
+    At a logged step it first checks for a non-finite step
+    (`gal.nonfinite_stop`), so that no row describes a step that was held back.
+
     Args:
         gal: the `galkeras.GAL` model being fitted.
         log_dir: directory of the TensorBoard event files (`train/`).
@@ -75,6 +78,7 @@ class RunLogger(keras.callbacks.Callback):
         step = self.gal.global_step
         if step % self.every_n_steps:
             return
+        self.gal.nonfinite_stop.check()
         values = {k: float(self.gal.last_step[k].numpy()) for k in STEP_COLUMNS}
         phase = self.gal.phase
         if phase != AGREEMENT:

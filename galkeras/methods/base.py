@@ -25,6 +25,7 @@ from galkeras import sampling
 from galkeras.gated_update import (
     DynamicLossScale,
     GatedUpdate,
+    NonFiniteStop,
     record_nonfinite,
 )
 from galkeras.methods.small_loss import ForgetRate, num_remember_tensor
@@ -44,8 +45,9 @@ class NoisyLabelMethod(keras.Model):
     Args:
         networks: `keras.Model`s mapping raw images to logits, one per name in
             `NETWORKS`, in that order.
-        on_nonfinite: `"stop"` (default: `fit` raises after a step with a
-            non-finite loss or gradient) or `"skip_step"` (that step moves no
+        on_nonfinite: `"stop"` (default: a step with a non-finite loss or
+            gradient and every later one move no network, and `fit` raises at
+            its next check, see `GAL`) or `"skip_step"` (that step moves no
             network and is counted in `nonfinite_steps`).
     """
 
@@ -76,6 +78,9 @@ class NoisyLabelMethod(keras.Model):
         self.steps_per_epoch = self._counter("steps_per_epoch", "int64")
         self.nonfinite_steps = self._counter("nonfinite_steps", "int32")
         self.nonfinite_networks = self._counter("nonfinite_networks", "int32")
+        self.nonfinite_stop = NonFiniteStop(
+            self.distribute_strategy, self.NETWORKS, on_nonfinite == "stop"
+        )
         self.loss_scaling = networks[0].dtype_policy.compute_dtype == "float16"
         self.loss_scale = DynamicLossScale(self, "loss_scale", self.loss_scaling)
         self._updates = None
@@ -210,14 +215,12 @@ class NoisyLabelMethod(keras.Model):
         epoch = self.run_step // tf.maximum(self.steps_per_epoch, 1)
         networks = self.networks
         replicas = self.distribute_strategy.num_replicas_in_sync
-        skip = self.on_nonfinite == "skip_step"
-        if skip:
-            # The forward passes move BatchNorm statistics: keep the old ones.
-            saved = [
-                (_tf_variable(v), tf.identity(v.value))
-                for net in networks.values()
-                for v in net.non_trainable_variables
-            ]
+        # The forward passes move BatchNorm statistics: keep the old ones.
+        saved = [
+            (_tf_variable(v), tf.identity(v.value))
+            for net in networks.values()
+            for v in net.non_trainable_variables
+        ]
         with tf.GradientTape(persistent=len(networks) > 1) as tape:
             logits = {
                 name: tf.cast(net(images, training=True), tf.float32)
@@ -244,21 +247,24 @@ class NoisyLabelMethod(keras.Model):
         step_ok = record_nonfinite(
             faults, self.NETWORKS, self.nonfinite_steps, self.nonfinite_networks
         )
+        # `stop`: from the first faulty step on, nothing moves until the check.
+        step_ok = self.nonfinite_stop.hold(
+            step_ok, self.run_step, self.nonfinite_networks
+        )
         finite = self.loss_scale.check([g for gs in grads.values() for g in gs])
         for (name, net), gated in zip(networks.items(), self._updates):
             # A step the method leaves out (`update` False) closes every gate:
             # weights and slots stay, but the iteration counter, and with it
-            # the learning-rate schedule, keeps the epoch's clock. A skipped
+            # the learning-rate schedule, keeps the epoch's clock. A held-back
             # non-finite step holds the counter back too.
             gated.apply(
                 grads[name],
                 gates=None if update is None else [update] * len(grads[name]),
-                step_ok=step_ok if skip else None,
+                step_ok=step_ok,
                 finite=finite,
             )
-        if skip:
-            for variable, old in saved:
-                variable.assign(tf.where(step_ok, variable.read_value(), old))
+        for variable, old in saved:
+            variable.assign(tf.where(step_ok, variable.read_value(), old))
         self.run_step.assign_add(1)
         self._train_trackers["loss"].update_state(losses[self.REPORTED])
         for key, value in values.items():
@@ -516,12 +522,12 @@ def training_set_of(x, y, batch_size, method, num_classes, fit_kwargs):
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-    """Raises `galkeras.model.NonFiniteError` right after a step with a
-    non-finite loss or gradient, when the method's `on_nonfinite` is `stop`.
-
-    It reads the method's own counters (`nonfinite_steps`, the bit mask
-    `nonfinite_networks` over `NETWORKS`, `run_step`), so it depends on no
-    other callback.
+    """Raises `galkeras.gated_update.NonFiniteError` at the end of an epoch that
+    had a step with a non-finite loss or gradient, when the method's
+    `on_nonfinite` is `stop`. The step itself, and every step after it, was held
+    back in the graph (`NonFiniteStop`); `RunLogger` and `CheckpointCallback`
+    check too, before they read or save anything. The methods' `fit` puts it
+    first, so no other callback sees such an epoch end.
 
     Args:
         method: `GAL` or a `NoisyLabelMethod`.
@@ -532,29 +538,12 @@ class StopOnNonFinite(keras.callbacks.Callback):
         super().__init__()
         self._method = method
         self._steps = int(steps_per_epoch)
-        self._seen = None
 
     def on_train_begin(self, logs=None):
-        self._seen = int(self._method.nonfinite_steps.numpy())
+        self._method.nonfinite_stop.reset(self._steps)
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self._method.on_nonfinite != "stop":
-            return
-        count = int(self._method.nonfinite_steps.numpy())
-        if count > self._seen:
-            from galkeras.model import NonFiniteError
-
-            method = self._method
-            bits = int(method.nonfinite_networks.numpy())
-            steps = self._steps
-            step = method.global_step
-            raise NonFiniteError(
-                epoch=(step - 1) // steps + 1,
-                step=(step - 1) % steps + 1,
-                steps_per_epoch=steps,
-                global_step=step,
-                networks=[n for i, n in enumerate(method.NETWORKS) if bits >> i & 1],
-            )
+    def on_epoch_end(self, epoch, logs=None):
+        self._method.nonfinite_stop.check()
 
 
 def _tf_variable(v):
