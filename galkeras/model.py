@@ -230,8 +230,12 @@ class GAL(keras.Model):
             self.distribute_strategy, NETWORK_NAMES, on_nonfinite == "stop"
         )
         self.phase = WARMUP
+        # The run step after the latest execution of `fit`, as Python knows it
+        # without reading `run_step` (`methods.base.FitCallbacks` sets it).
+        self.host_step = 0
         # Steps of the run done so far (a resumed run included): advanced by the
-        # train step itself, and read by logging and checkpointing. A plain
+        # train step itself, and saved by checkpoints (logging and checkpoints
+        # act on its mirror `host_step`, which needs no read). A plain
         # `tf.Variable`, not a Keras weight, so that `.keras` files keep their
         # layout; a run's checkpoint holds it (`checkpointing.RunCheckpoint`).
         with self.distribute_strategy.scope():
@@ -835,6 +839,7 @@ class GAL(keras.Model):
         # The driver points the stream and the run step at each part's first
         # step itself (after `BackupAndRestore` has chosen the first epoch).
         return fit_from_step(
+            self,
             super().fit,
             dataset,
             initial_step,

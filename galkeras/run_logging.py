@@ -39,8 +39,10 @@ STEP_COLUMNS = tuple(k for k in LAST_STEP_KEYS if k != "agreement_per_variable")
 class RunLogger(keras.callbacks.Callback):
     """Writes a GAL run's step and epoch values to TensorBoard and `steps.csv`.
 
-    At a logged step it first checks for a non-finite step
-    (`gal.nonfinite_stop`), so that no row describes a step that was held back.
+    Between logged steps it reads nothing from the device: it knows the run
+    step from `gal.host_step` (set by the fit's callback list). At a logged step
+    it first checks for a non-finite step (`gal.nonfinite_stop`), so that no row
+    describes a step that was held back.
 
     Args:
         gal: the `galkeras.GAL` model being fitted.
@@ -73,9 +75,9 @@ class RunLogger(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        # The run's global step, which the train step advances; Keras' batch
-        # index restarts in the partial epoch of a resumed run.
-        step = self.gal.global_step
+        # The run's global step (Keras' batch index restarts in the partial
+        # epoch of a resumed run).
+        step = self.gal.host_step
         if step % self.every_n_steps:
             return
         self.gal.nonfinite_stop.check()

@@ -12,7 +12,8 @@ loss (`network_losses`). Shared here:
 - `on_nonfinite` (stop, or skip the step for every network), as GAL has it;
 - evaluation of each network and of the two networks' joint prediction
   (Eq. 6 of the GAL paper: the mean of their softmax outputs);
-- `fit` from any global step (a resumed run continues mid-epoch), `predict`
+- `fit` from any global step (a resumed run continues mid-epoch), with no
+  host-device sync between steps (`fit_from_step`, `FitCallbacks`), `predict`
   with the reported network, `classifier` for export, `run_state` for
   checkpoints, and `get_config` for `.keras` files.
 """
@@ -81,6 +82,9 @@ class NoisyLabelMethod(keras.Model):
         self.nonfinite_stop = NonFiniteStop(
             self.distribute_strategy, self.NETWORKS, on_nonfinite == "stop"
         )
+        # The run step after the latest execution of `fit`, as Python knows it
+        # without reading `run_step` (`FitCallbacks` sets it).
+        self.host_step = 0
         self.loss_scaling = networks[0].dtype_policy.compute_dtype == "float16"
         self.loss_scale = DynamicLossScale(self, "loss_scale", self.loss_scaling)
         self._updates = None
@@ -391,6 +395,7 @@ class NoisyLabelMethod(keras.Model):
             self.run_step.assign(first_step)
 
         return fit_from_step(
+            self,
             super().fit,
             dataset,
             initial_step,
@@ -457,14 +462,25 @@ class SmallLossMethod(NoisyLabelMethod):
 
 
 def fit_from_step(
-    keras_fit, dataset, initial_step, epochs, steps, on_part=None, **fit_kwargs
+    method,
+    keras_fit,
+    dataset,
+    initial_step,
+    epochs,
+    steps,
+    on_part=None,
+    callbacks=None,
+    verbose="auto",
+    **fit_kwargs,
 ):
-    """Keras `fit` (`keras_fit`, a model's inherited `fit`) over `dataset` so that
-    training covers global steps `initial_step` to `epochs * steps`.
+    """Keras `fit` (`keras_fit`, `method`'s inherited `fit`) over `dataset` so
+    that training covers global steps `initial_step` to `epochs * steps`.
 
     Keras' epochs all have one length, so the rest of an epoch a resumed run
     stopped in is a fit of its own; the two `History` objects are merged.
     `on_part(first_step)` runs before each fit (to point a stream at its step).
+    Each fit calls `callbacks` through `FitCallbacks`, which reads nothing from
+    the device between steps.
     """
     if initial_step < 0:
         raise ValueError(f"initial_step must be >= 0; got {initial_step}.")
@@ -472,12 +488,23 @@ def fit_from_step(
     def part(first_epoch, last_epoch, steps_per_epoch, first_step):
         if on_part is not None:
             on_part(first_step)
+        callback_list = FitCallbacks(
+            callbacks,
+            method,
+            first_step,
+            steps,
+            verbose=verbose,
+            epochs=last_epoch,
+            steps=steps_per_epoch,
+        )
         return keras_fit(
             dataset,
             epochs=last_epoch,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch,
             shuffle=False,
+            callbacks=callback_list,
+            verbose=verbose,
             **fit_kwargs,
         )
 
@@ -492,6 +519,61 @@ def fit_from_step(
         rest.history[key] = values + rest.history.get(key, [])
     rest.epoch = history.epoch + rest.epoch
     return rest
+
+
+class FitCallbacks(keras.callbacks.CallbackList):
+    """The callback list of a method's `fit`: Keras' own, but a batch costs no
+    host-device sync, and callbacks know the run step without reading it.
+
+    With TensorFlow, Keras' list converts every log to Python after every call
+    of the train function (it has no asynchronous path on that backend), which
+    waits for the device, whether any callback reads the logs or not. Here the
+    batch-end hooks get the logs as the tensors the train step returned: a
+    callback that reads one (`float(logs["loss"])`) pays the wait; the others
+    do not. Epoch ends get Python logs, as in Keras.
+
+    Before the batch-end hooks run, it sets `method.host_step` to the run step
+    after that call, from Keras' batch index (the last step of the call), so
+    that `RunLogger` and `CheckpointCallback` act at their steps without
+    reading `run_step` from the device.
+
+    Args:
+        callbacks: the fit's callbacks.
+        method: the `GAL` or `NoisyLabelMethod` being fitted.
+        first_step: the run step this fit starts at.
+        steps_per_epoch: steps of a whole epoch of the run.
+        **params: Keras' callback params (`verbose`, `epochs`, `steps`).
+    """
+
+    def __init__(self, callbacks, method, first_step, steps_per_epoch, **params):
+        super().__init__(
+            callbacks,
+            add_history=True,
+            add_progbar=params["verbose"] != 0,
+            model=method,
+            **params,
+        )
+        self._first_step = int(first_step)
+        self._steps_per_epoch = int(steps_per_epoch)
+        self._epoch_start = self._first_step
+
+    def on_train_begin(self, logs=None):
+        self.model.host_step = self._first_step
+        super().on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # A resumed epoch starts at the fit's first step, any other at its own.
+        self._epoch_start = max(epoch * self._steps_per_epoch, self._first_step)
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.host_step = self._epoch_start + batch + 1
+        for callback in self.callbacks:
+            callback.on_train_batch_end(batch, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        for callback in self.callbacks:
+            callback.on_test_batch_end(batch, logs)
 
 
 def training_set_of(x, y, batch_size, method, num_classes, fit_kwargs):
