@@ -389,7 +389,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         run_checkpoint: the run's `RunCheckpoint`, already restored.
         gal: the `GAL` (or `NoisyLabelMethod`) being trained.
         steps_per_epoch: steps of one epoch.
-        every_n_steps: also save every this many global steps (0: epochs only).
+        every_n_steps: also save every this many global steps (0: epochs only);
+            a multiple of the method's `steps_per_execution`.
         cluster_resolver: the strategy's, for the preemption handler.
     """
 
@@ -418,6 +419,13 @@ class CheckpointCallback(keras.callbacks.Callback):
         return self._fallbacks_before + (sampler.fallback_count if sampler else 0)
 
     def on_train_begin(self, logs=None):
+        every = self.gal.steps_per_execution
+        if self.every_n_steps % every:
+            raise ValueError(
+                f"every_n_steps={self.every_n_steps} must be a multiple of "
+                f"steps_per_execution={every}: callbacks run only between calls "
+                "of the train function."
+            )
         if self._handler is None:
             self._previous_sigterm = signal.getsignal(signal.SIGTERM)
             manager = self.run_checkpoint.manager

@@ -337,6 +337,10 @@ class GAL(keras.Model):
             twin_b_optimizer: θB's optimizer; a clone of `optimizer` if omitted.
             **kwargs: `keras.Model.compile` arguments such as `jit_compile` and
                 `steps_per_execution`. Losses and metrics are GAL's own.
+                `steps_per_execution=k` runs k train steps per call from
+                Python, with the same results: it must divide the steps of an
+                epoch, and the `every_n_steps` of `RunLogger` and
+                `CheckpointCallback`, which act between calls.
         """
         for arg in ("loss", "metrics", "weighted_metrics", "loss_weights"):
             if kwargs.get(arg) is not None:

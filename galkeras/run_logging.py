@@ -49,7 +49,9 @@ class RunLogger(keras.callbacks.Callback):
         log_dir: directory of the TensorBoard event files (`train/`).
         steps_csv: path of the per-step CSV, or None for none. Rows are appended,
             so a resumed run continues the file.
-        every_n_steps: int >= 1, log every this many global steps.
+        every_n_steps: int >= 1, log every this many global steps; a multiple of
+            the model's `steps_per_execution` (a step's own values exist only
+            between calls of the train function).
     """
 
     def __init__(self, gal, log_dir, steps_csv=None, every_n_steps=50):
@@ -64,6 +66,13 @@ class RunLogger(keras.callbacks.Callback):
         self._epoch = 0
 
     def on_train_begin(self, logs=None):
+        every = self.gal.steps_per_execution
+        if self.every_n_steps % every:
+            raise ValueError(
+                f"every_n_steps={self.every_n_steps} must be a multiple of "
+                f"steps_per_execution={every}: a step's own values exist only "
+                "between calls of the train function."
+            )
         self._writer = tf.summary.create_file_writer(
             os.path.join(self.log_dir, "train")
         )

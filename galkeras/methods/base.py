@@ -13,10 +13,13 @@ loss (`network_losses`). Shared here:
 - evaluation of each network and of the two networks' joint prediction
   (Eq. 6 of the GAL paper: the mean of their softmax outputs);
 - `fit` from any global step (a resumed run continues mid-epoch), with no
-  host-device sync between steps (`fit_from_step`, `FitCallbacks`), `predict`
+  host-device sync between steps and any `steps_per_execution` that divides
+  an epoch (`fit_from_step`, `FitCallbacks`), `predict`
   with the reported network, `classifier` for export, `run_state` for
   checkpoints, and `get_config` for `.keras` files.
 """
+
+import math
 
 import keras
 import numpy as np
@@ -481,11 +484,24 @@ def fit_from_step(
     `on_part(first_step)` runs before each fit (to point a stream at its step).
     Each fit calls `callbacks` through `FitCallbacks`, which reads nothing from
     the device between steps.
+
+    Keras draws `method.steps_per_execution` (k) batches per call, whatever the
+    epoch has left, so k must divide `steps`. The rest of a resumed epoch runs
+    at the largest k' dividing both k and its length: its calls then still end
+    at every multiple of k, where logging and checkpoints act.
     """
     if initial_step < 0:
         raise ValueError(f"initial_step must be >= 0; got {initial_step}.")
+    every = method.steps_per_execution
+    if not isinstance(every, int) or every < 1 or steps % every:
+        raise ValueError(
+            f"steps_per_execution={every} must be an integer >= 1 that divides "
+            f"the {steps} steps of an epoch: Keras would otherwise run the last "
+            "call of an epoch into the next one."
+        )
 
     def part(first_epoch, last_epoch, steps_per_epoch, first_step):
+        _set_steps_per_execution(method, math.gcd(every, steps_per_epoch))
         if on_part is not None:
             on_part(first_step)
         callback_list = FitCallbacks(
@@ -508,17 +524,33 @@ def fit_from_step(
             **fit_kwargs,
         )
 
-    first_epoch, done_in_epoch = divmod(int(initial_step), steps)
-    if not done_in_epoch:
-        return part(first_epoch, epochs, steps, first_epoch * steps)
-    history = part(first_epoch, first_epoch + 1, steps - done_in_epoch, initial_step)
-    if first_epoch + 1 >= epochs:
-        return history
-    rest = part(first_epoch + 1, epochs, steps, (first_epoch + 1) * steps)
+    try:
+        first_epoch, done_in_epoch = divmod(int(initial_step), steps)
+        if not done_in_epoch:
+            return part(first_epoch, epochs, steps, first_epoch * steps)
+        history = part(
+            first_epoch, first_epoch + 1, steps - done_in_epoch, initial_step
+        )
+        if first_epoch + 1 >= epochs:
+            return history
+        rest = part(first_epoch + 1, epochs, steps, (first_epoch + 1) * steps)
+    finally:
+        _set_steps_per_execution(method, every)
     for key, values in history.history.items():
         rest.history[key] = values + rest.history.get(key, [])
     rest.epoch = history.epoch + rest.epoch
     return rest
+
+
+def _set_steps_per_execution(method, every):
+    """Sets `method.steps_per_execution`, remaking the functions that were
+    traced with the old value."""
+    if method.steps_per_execution == every:
+        return
+    method.steps_per_execution = every
+    method.make_train_function(force=True)
+    if method.test_function is not None:
+        method.make_test_function(force=True)
 
 
 class FitCallbacks(keras.callbacks.CallbackList):
