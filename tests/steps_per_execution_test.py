@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_module, tiny_run_config
+from conftest import tiny_run_config
 
 from galkeras import checkpointing, train
 
@@ -132,7 +132,9 @@ def test_stopped_at_two_steps_per_call_resumed_at_four_gives_the_run_of_one(
             assert got == want, column
 
 
-def test_a_k_that_cannot_be_honoured_is_refused_naming_the_flag(tmp_path):
+def test_a_k_that_cannot_be_honoured_is_refused_naming_the_flag(
+    tmp_path, monkeypatch, capsys
+):
     config = train.TrainConfig(steps_per_execution=4, model_dir=str(tmp_path / "a"))
     problems = train.config_problems(config)
     # The default --log_every_steps=50 is no multiple of 4.
@@ -148,20 +150,19 @@ def test_a_k_that_cannot_be_honoured_is_refused_naming_the_flag(tmp_path):
     ]
     assert train.config_problems(dataclasses.replace(config, log_every_steps=48)) == []
 
-    # digits at batch 180 has 8 steps per epoch: 3 does not divide them.
-    result = run_module(
-        "galkeras.train",
-        "--dataset=digits",
-        "--batch_size=180",
-        "--steps_per_execution=3",
-        "--log_every_steps=3",
-        f"--model_dir={tmp_path / 'run'}",
+    # digits at batch 180 has 8 steps per epoch: 3 does not divide them. Known
+    # only once the data is loaded, and still before anything is written.
+    odd = tiny_run_config(
+        tmp_path, "digits", batch_size=180, steps_per_execution=3, log_every_steps=3
     )
-    assert result.returncode == 2, result.stderr[-2000:]
+    monkeypatch.setattr(train, "config_from_flags", lambda: odd)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["galkeras.train"])
+    assert exit_.value.code == 2
     assert "--steps_per_execution=3 must divide the 8 steps of an epoch" in (
-        result.stderr
+        capsys.readouterr().err
     )
-    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
     zero = dataclasses.replace(config, steps_per_execution=0)
     assert train.config_problems(zero) == ["--steps_per_execution=0 must be >= 1."]
