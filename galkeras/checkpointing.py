@@ -8,8 +8,8 @@ A checkpoint holds everything a run needs to continue as if never stopped:
 - GAL's own state: the warm-up switch (`twins_split`), loss scales, the
   non-finite counters;
 - the pseudo-label table of the current epoch;
-- the global step: the method's own `run_step`, which its train step advances
-  and which logging reads too. The CDAS plan and the augmentation are pure
+- the global step: the method's own `run_step`, which its train step advances.
+  The CDAS plan and the augmentation are pure
   functions of (seed, step), so the step is the sampler's whole state; the epoch
   and phase follow from it;
 - the noisy labels, checked on resume against the ones the run makes again.
@@ -22,8 +22,9 @@ checkpoint's files under temporary names, renames them into place, and only then
 rewrites the `checkpoint` index file (itself written to a temporary file and
 renamed), so a crash in the middle of a write leaves the previous checkpoint the
 latest. SIGTERM is handled by TensorFlow's
-`tf.distribute.experimental.PreemptionCheckpointHandler`, which saves at the next
-step boundary and then calls our exit function.
+`tf.distribute.experimental.PreemptionCheckpointHandler`, which saves at the
+second call of the train function after the signal (`CheckpointCallback`) and
+then calls our exit function.
 
 On resume the `checkpoint` index is the record of which checkpoints exist. One
 that TensorFlow cannot read is renamed `corrupt-ckpt-N.*` and dropped from the
@@ -367,16 +368,29 @@ def _move_aside(folder, files, tag):
 class CheckpointCallback(keras.callbacks.Callback):
     """Saves the run every epoch, every `every_n_steps` steps if > 0, and on SIGTERM.
 
-    It reads the run's step from `gal.run_step`, which the train step itself
-    advances, so it needs no other callback to keep a count. A step that
-    stopped the run (`NonFiniteError`) is never saved: the methods' `fit`
-    raises that error from its own callback, which it puts before the caller's.
+    It knows the run's step from `gal.host_step`, which the fit's callback list
+    (`methods.base.FitCallbacks`) sets from Keras' batch index, so between
+    steps it reads nothing from the device: only a save does. Before every
+    save it checks for a non-finite step (`gal.nonfinite_stop`): a run that
+    went non-finite under `on_nonfinite="stop"` is never saved past the fault.
+
+    SIGTERM goes to TensorFlow's `PreemptionCheckpointHandler`, which it asks
+    after every call of the train function (every `steps_per_execution` steps)
+    whether to save. The handler counts those calls: the first call after the
+    signal names the next call as the one to save at (on every worker of a
+    multi-worker run, which must therefore ask at the same steps), and that one
+    saves, then exits. Asking reads no device value (a thread event, and the
+    coordination service only once a worker was preempted), so it is asked at
+    every call: asking every N steps instead would leave up to 2N steps
+    between the signal and the save, which must fit in the platform's grace
+    period (often 30 s).
 
     Args:
         run_checkpoint: the run's `RunCheckpoint`, already restored.
-        gal: the `GAL` being trained.
+        gal: the `GAL` (or `NoisyLabelMethod`) being trained.
         steps_per_epoch: steps of one epoch.
-        every_n_steps: also save every this many global steps (0: epochs only).
+        every_n_steps: also save every this many global steps (0: epochs only);
+            a multiple of the method's `steps_per_execution`.
         cluster_resolver: the strategy's, for the preemption handler.
     """
 
@@ -405,6 +419,13 @@ class CheckpointCallback(keras.callbacks.Callback):
         return self._fallbacks_before + (sampler.fallback_count if sampler else 0)
 
     def on_train_begin(self, logs=None):
+        every = self.gal.steps_per_execution
+        if self.every_n_steps % every:
+            raise ValueError(
+                f"every_n_steps={self.every_n_steps} must be a multiple of "
+                f"steps_per_execution={every}: callbacks run only between calls "
+                "of the train function."
+            )
         if self._handler is None:
             self._previous_sigterm = signal.getsignal(signal.SIGTERM)
             manager = self.run_checkpoint.manager
@@ -417,21 +438,24 @@ class CheckpointCallback(keras.callbacks.Callback):
                 self.cluster_resolver,
                 manager,
                 termination_config=tf.distribute.experimental.TerminationConfig(
-                    exit_fn=exit_fn
+                    exit_fn=exit_fn, save_fn=self.save
                 ),
             )
 
     def on_train_batch_end(self, batch, logs=None):
-        step, fallbacks = self.gal.global_step, self.cdas_fallbacks()
-        # Current before the preemption handler may save through the manager.
-        self.run_checkpoint.cdas_fallbacks.assign(fallbacks)
+        step = self.gal.host_step
         at_epoch_end = step % self.steps_per_epoch == 0  # saved by on_epoch_end
         if self.every_n_steps and not step % self.every_n_steps and not at_epoch_end:
-            self.run_checkpoint.save(step, fallbacks)
-        self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
+            self.save(step)
+        self._handler.save_checkpoint_if_preempted(step)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.run_checkpoint.save(self.gal.global_step, self.cdas_fallbacks())
+        self.save(self.gal.host_step)
+
+    def save(self, step):
+        """Saves the run at `step` (after checking for a non-finite step)."""
+        self.gal.nonfinite_stop.check()
+        return self.run_checkpoint.save(step, self.cdas_fallbacks())
 
     def close(self):
         """Gives SIGTERM back to whoever had it before training."""

@@ -4,7 +4,7 @@
 (splitting θB off θA at the warm-up switch, §4.4) and refreshes θC's teacher
 table (§3.3); at the start of each Keras `fit` it points the CDAS stream and
 the run step at that fit's first step. It keeps no count of its own: the train
-step advances `GAL.run_step`, which logging and checkpointing read.
+step advances `GAL.run_step`, which checkpoints save.
 """
 
 import keras

@@ -4,13 +4,38 @@ GAL updates a twin only where its gate is open (Eq. 5), skips a step that went
 non-finite, and under float16 scales its losses so that both twins skip an
 overflowing step together. `GatedUpdate` wraps applying gradients to one network
 the way Keras' `LossScaleOptimizer` wraps an `inner_optimizer`, so that the
-method's train step only says which gates are open.
+method's train step only says which gates are open. `NonFiniteStop` holds back
+every step from the first non-finite one on (`on_nonfinite="stop"`), so that the
+run can be stopped later, where Python reads the device anyway.
 """
 
 import keras
 import tensorflow as tf
 
 MASKED_UPDATES = ("skip", "zero_grad")
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient (`on_nonfinite="stop"`).
+
+    Attributes:
+        epoch: 1-based epoch of the step.
+        step: 1-based step within that epoch.
+        global_step: 1-based step of the run.
+        networks: names of the networks at fault.
+    """
+
+    def __init__(self, epoch, step, steps_per_epoch, global_step, networks):
+        self.epoch, self.step, self.global_step = epoch, step, global_step
+        self.networks = networks
+        super().__init__(
+            f"Non-finite loss or gradient in {' and '.join(networks)} at epoch "
+            f"{epoch}, step {step} of {steps_per_epoch} (step {global_step} of the "
+            "run). Training stopped: neither that step nor any after it was "
+            "applied, so every network keeps its weights from before it. Usual "
+            "causes: a learning rate too high, or inputs with inf/NaN. To skip such "
+            "steps instead, use on_nonfinite='skip_step' (--on_nonfinite=skip_step)."
+        )
 
 
 def optimizer_slots(optimizer, variables):
@@ -81,6 +106,96 @@ def record_nonfinite(faults, names, steps, networks):
     steps.assign_add(tf.cast(bad, tf.int32))
     networks.assign(tf.where(bad, bits, networks))
     return tf.logical_not(bad)
+
+
+class NonFiniteStop:
+    """`on_nonfinite="stop"` without reading the device after every step.
+
+    The first step of a `fit` with a fault (`record_nonfinite`), and every step
+    after it, is held back in the graph as a `skip_step` step is: weights,
+    optimizer slots, iteration counters and BatchNorm statistics keep their
+    values. The first faulty step and its networks are kept in two variables,
+    which `check` reads where Python reads the device anyway (a logged step, a
+    checkpoint, the end of an epoch) to raise `NonFiniteError` naming that step.
+    A late check therefore never finds NaN weights, and no checkpoint is ever
+    written past the fault. Disabled (`skip_step`), every method is the identity
+    and no variable is made.
+
+    Plain `tf.Variable`s, not Keras weights, and not in a run's checkpoint: a
+    fit starts without a fault (`reset`), and a run with one saves nothing more.
+
+    Args:
+        strategy: the model's `tf.distribute` strategy.
+        names: every network name, in the order of the bits of the method's
+            `nonfinite_networks`.
+        enabled: bool, whether the method's `on_nonfinite` is `"stop"`.
+    """
+
+    def __init__(self, strategy, names, enabled):
+        self.names = tuple(names)
+        self.enabled = bool(enabled)
+        self.steps_per_epoch = 1
+        if not self.enabled:
+            return
+        with strategy.scope():
+            # 1-based run step of the fit's first faulty step; 0: none yet.
+            self.step = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                name="first_nonfinite_step",
+            )
+            self.networks = tf.Variable(
+                0,
+                dtype=tf.int32,
+                trainable=False,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                name="first_nonfinite_networks",
+            )
+
+    def reset(self, steps_per_epoch):
+        """A new `fit`: no fault yet. `steps_per_epoch` is for the message."""
+        self.steps_per_epoch = int(steps_per_epoch)
+        if self.enabled:
+            self.step.assign(0)
+            self.networks.assign(0)
+
+    def hold(self, step_ok, run_step, networks):
+        """The verdict of a step in the graph: False from the first faulty step
+        of the fit on, which it records.
+
+        Args:
+            step_ok: scalar bool, `record_nonfinite`'s verdict of this step.
+            run_step: the steps of the run done before this one.
+            networks: the bit mask `record_nonfinite` wrote for this step.
+        """
+        if not self.enabled:
+            return step_ok
+        clean_so_far = tf.equal(self.step, 0)
+        first = tf.logical_and(clean_so_far, tf.logical_not(step_ok))
+        step = tf.cast(run_step, tf.int64) + 1
+        self.step.assign(tf.where(first, step, self.step))
+        self.networks.assign(tf.where(first, networks, self.networks))
+        return tf.logical_and(clean_so_far, step_ok)
+
+    def check(self):
+        """Raises `NonFiniteError` if a step of this fit had a fault: one read
+        of the device, so callers check only where they read it anyway."""
+        if not self.enabled:
+            return
+        step = int(self.step.numpy())
+        if not step:
+            return
+        bits = int(self.networks.numpy())
+        steps = self.steps_per_epoch
+        raise NonFiniteError(
+            epoch=(step - 1) // steps + 1,
+            step=(step - 1) % steps + 1,
+            steps_per_epoch=steps,
+            global_step=step,
+            networks=[n for i, n in enumerate(self.names) if bits >> i & 1],
+        )
 
 
 class DynamicLossScale:
@@ -187,10 +302,11 @@ class GatedUpdate:
     - `zero_grad`: the gradient is multiplied by the gate and the optimizer steps
       as usual, so momentum and weight decay still move gated-off elements.
 
-    Two verdicts close every gate of a step: `step_ok` (`on_nonfinite=
-    "skip_step"`: also the optimizer's iteration counter stays, so the learning
-    rate schedule does not move) and `finite` (float16: the loss scale's verdict,
-    `DynamicLossScale.check`). Both are scalar bools, the same on every replica.
+    Two verdicts close every gate of a step: `step_ok` (a non-finite step, under
+    either `on_nonfinite`: also the optimizer's iteration counter stays, so the
+    learning rate schedule does not move) and `finite` (float16: the loss
+    scale's verdict, `DynamicLossScale.check`). Both are scalar bools, the same
+    on every replica.
 
     Args:
         optimizer: the network's built `keras.optimizers.Optimizer`.

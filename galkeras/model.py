@@ -12,10 +12,12 @@ import tensorflow as tf
 from galkeras import agreement, sampling
 from galkeras.distill import pseudo_label_loss
 from galkeras.gal_driver import GALDriver
-from galkeras.gated_update import (
+from galkeras.gated_update import (  # noqa: F401  (NonFiniteError re-exported)
     MASKED_UPDATES,
     DynamicLossScale,
     GatedUpdate,
+    NonFiniteError,
+    NonFiniteStop,
     record_nonfinite,
 )
 from galkeras.methods.base import StopOnNonFinite, fit_from_step, training_set_of
@@ -36,28 +38,6 @@ LAST_STEP_KEYS = (
     "updated_ratio",
     "agreement_per_variable",
 )
-
-
-class NonFiniteError(FloatingPointError):
-    """A training step produced a non-finite loss or gradient (`on_nonfinite="stop"`).
-
-    Attributes:
-        epoch: 1-based epoch of the step.
-        step: 1-based step within that epoch.
-        global_step: 1-based step of the run.
-        networks: names of the networks at fault (`NETWORK_NAMES`).
-    """
-
-    def __init__(self, epoch, step, steps_per_epoch, global_step, networks):
-        self.epoch, self.step, self.global_step = epoch, step, global_step
-        self.networks = networks
-        super().__init__(
-            f"Non-finite loss or gradient in {' and '.join(networks)} at epoch "
-            f"{epoch}, step {step} of {steps_per_epoch} (step {global_step} of the "
-            "run). Training stopped after that step. Usual causes: a learning rate "
-            "too high, or inputs with inf/NaN. To skip such steps instead, use "
-            "on_nonfinite='skip_step' (--on_nonfinite=skip_step)."
-        )
 
 
 def _clone_optimizer(optimizer):
@@ -119,11 +99,14 @@ class GAL(keras.Model):
         seed: int, seed of the `random` rule's draws.
         on_nonfinite: what a step with a non-finite loss or gradient (NaN or
             inf; under float16 a non-finite *loss*, since gradient overflow is
-            the loss scale's business) does. `"stop"` (default): `fit` raises
-            `NonFiniteError` naming the epoch, the step and the network right
-            after that step. `"skip_step"`: the step is not applied to any of
-            the three networks (weights and optimizer slots bit-identical) and is
-            counted in `nonfinite_steps`.
+            the loss scale's business) does. `"skip_step"`: the step is not
+            applied to any of the three networks (weights and optimizer slots
+            bit-identical) and is counted in `nonfinite_steps`. `"stop"`
+            (default): that step and every later one are held back the same
+            way, and `fit` raises `NonFiniteError` naming the epoch, the step
+            and the network at its next check: the end of the epoch, or a
+            logged or checkpointed step (`galkeras.gated_update.NonFiniteStop`),
+            so that no step reads the device to look.
         agreement_granularity: what one coefficient of Eq. (4) covers:
             `"variable"` (default: one cosine per trainable tensor), `"channel"`
             (one per output unit, over every axis but the last) or `"element"`
@@ -242,9 +225,17 @@ class GAL(keras.Model):
             aggregation="only_first_replica",
             name="nonfinite_networks",
         )
+        # `on_nonfinite="stop"`: the first faulty step of a fit, held back.
+        self.nonfinite_stop = NonFiniteStop(
+            self.distribute_strategy, NETWORK_NAMES, on_nonfinite == "stop"
+        )
         self.phase = WARMUP
+        # The run step after the latest execution of `fit`, as Python knows it
+        # without reading `run_step` (`methods.base.FitCallbacks` sets it).
+        self.host_step = 0
         # Steps of the run done so far (a resumed run included): advanced by the
-        # train step itself, and read by logging and checkpointing. A plain
+        # train step itself, and saved by checkpoints (logging and checkpoints
+        # act on its mirror `host_step`, which needs no read). A plain
         # `tf.Variable`, not a Keras weight, so that `.keras` files keep their
         # layout; a run's checkpoint holds it (`checkpointing.RunCheckpoint`).
         with self.distribute_strategy.scope():
@@ -346,6 +337,10 @@ class GAL(keras.Model):
             twin_b_optimizer: θB's optimizer; a clone of `optimizer` if omitted.
             **kwargs: `keras.Model.compile` arguments such as `jit_compile` and
                 `steps_per_execution`. Losses and metrics are GAL's own.
+                `steps_per_execution=k` runs k train steps per call from
+                Python, with the same results: it must divide the steps of an
+                epoch, and the `every_n_steps` of `RunLogger` and
+                `CheckpointCallback`, which act between calls.
         """
         for arg in ("loss", "metrics", "weighted_metrics", "loss_weights"):
             if kwargs.get(arg) is not None:
@@ -474,18 +469,16 @@ class GAL(keras.Model):
     # ------------------------------------------------------------ train step
     def train_step(self, data):
         # Every network's loss and gradients first, then the updates, so that a
-        # non-finite value anywhere can hold back the whole step (`skip_step`).
-        skip = self.on_nonfinite == "skip_step"
-        if skip:
-            # The forward passes move BatchNorm statistics: keep the old ones.
-            nets = [self.twin_a, self.student]
-            if self.phase != WARMUP:
-                nets.append(self.twin_b)
-            saved = [
-                (_tf_variable(v), tf.identity(v.value))
-                for net in nets
-                for v in net.non_trainable_variables
-            ]
+        # non-finite value anywhere can hold back the whole step. The forward
+        # passes move BatchNorm statistics: keep the old ones.
+        nets = [self.twin_a, self.student]
+        if self.phase != WARMUP:
+            nets.append(self.twin_b)
+        saved = [
+            (_tf_variable(v), tf.identity(v.value))
+            for net in nets
+            for v in net.non_trainable_variables
+        ]
         if self.phase == WARMUP:
             faults, updates = self._warmup_step(data)
         else:
@@ -496,11 +489,14 @@ class GAL(keras.Model):
         step_ok = record_nonfinite(
             faults, NETWORK_NAMES, self.nonfinite_steps, self.nonfinite_networks
         )
+        # `stop`: from the first faulty step on, nothing moves until the check.
+        step_ok = self.nonfinite_stop.hold(
+            step_ok, self.run_step, self.nonfinite_networks
+        )
         for update in updates:
-            update(step_ok if skip else None)
-        if skip:
-            for variable, old in saved:
-                variable.assign(tf.where(step_ok, variable.read_value(), old))
+            update(step_ok)
+        for variable, old in saved:
+            variable.assign(tf.where(step_ok, variable.read_value(), old))
         self.run_step.assign_add(1)
         logs = self._logs(
             {
@@ -847,6 +843,7 @@ class GAL(keras.Model):
         # The driver points the stream and the run step at each part's first
         # step itself (after `BackupAndRestore` has chosen the first epoch).
         return fit_from_step(
+            self,
             super().fit,
             dataset,
             initial_step,

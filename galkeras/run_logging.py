@@ -39,12 +39,19 @@ STEP_COLUMNS = tuple(k for k in LAST_STEP_KEYS if k != "agreement_per_variable")
 class RunLogger(keras.callbacks.Callback):
     """Writes a GAL run's step and epoch values to TensorBoard and `steps.csv`.
 
+    Between logged steps it reads nothing from the device: it knows the run
+    step from `gal.host_step` (set by the fit's callback list). At a logged step
+    it first checks for a non-finite step (`gal.nonfinite_stop`), so that no row
+    describes a step that was held back.
+
     Args:
         gal: the `galkeras.GAL` model being fitted.
         log_dir: directory of the TensorBoard event files (`train/`).
         steps_csv: path of the per-step CSV, or None for none. Rows are appended,
             so a resumed run continues the file.
-        every_n_steps: int >= 1, log every this many global steps.
+        every_n_steps: int >= 1, log every this many global steps; a multiple of
+            the model's `steps_per_execution` (a step's own values exist only
+            between calls of the train function).
     """
 
     def __init__(self, gal, log_dir, steps_csv=None, every_n_steps=50):
@@ -59,6 +66,13 @@ class RunLogger(keras.callbacks.Callback):
         self._epoch = 0
 
     def on_train_begin(self, logs=None):
+        every = self.gal.steps_per_execution
+        if self.every_n_steps % every:
+            raise ValueError(
+                f"every_n_steps={self.every_n_steps} must be a multiple of "
+                f"steps_per_execution={every}: a step's own values exist only "
+                "between calls of the train function."
+            )
         self._writer = tf.summary.create_file_writer(
             os.path.join(self.log_dir, "train")
         )
@@ -70,11 +84,12 @@ class RunLogger(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        # The run's global step, which the train step advances; Keras' batch
-        # index restarts in the partial epoch of a resumed run.
-        step = self.gal.global_step
+        # The run's global step (Keras' batch index restarts in the partial
+        # epoch of a resumed run).
+        step = self.gal.host_step
         if step % self.every_n_steps:
             return
+        self.gal.nonfinite_stop.check()
         values = {k: float(self.gal.last_step[k].numpy()) for k in STEP_COLUMNS}
         phase = self.gal.phase
         if phase != AGREEMENT:

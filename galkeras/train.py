@@ -84,6 +84,7 @@ _DEFAULTS = dict(
     export_dir="",
     verbose=2,
     log_every_steps=50,
+    steps_per_execution=1,
     train_fit=False,
     dry_run=False,
     strategy="auto",
@@ -176,9 +177,10 @@ DATASET_FLAGS = {
     "clothing1m": ("image_size", "skip_corrupt_images"),
 }
 # Flags that may differ when a run resumes: where things are, how much is
-# printed and logged, how often it checkpoints, the hardware it runs on, and what
-# a non-finite step does. Every other flag changes the run, or (`--train_fit`)
-# the columns of history.csv, which a resumed run appends to.
+# printed and logged, how often it checkpoints, the hardware it runs on, how many
+# steps run per call (the same steps, bit for bit), and what a non-finite step
+# does. Every other flag changes the run, or (`--train_fit`) the columns of
+# history.csv, which a resumed run appends to.
 RESUME_NEUTRAL = (
     "data_dir",
     "model_dir",
@@ -186,6 +188,7 @@ RESUME_NEUTRAL = (
     "verbose",
     "log_every_steps",
     "checkpoint_every_steps",
+    "steps_per_execution",
     "strategy",
     "on_nonfinite",
     "new_run",
@@ -245,6 +248,7 @@ class TrainConfig:
     export_dir: str = _DEFAULTS["export_dir"]
     verbose: int = _DEFAULTS["verbose"]
     log_every_steps: int = _DEFAULTS["log_every_steps"]
+    steps_per_execution: int = _DEFAULTS["steps_per_execution"]
     train_fit: bool = _DEFAULTS["train_fit"]
     dry_run: bool = _DEFAULTS["dry_run"]
     strategy: str = _DEFAULTS["strategy"]
@@ -400,6 +404,7 @@ def config_problems(config):
         f"--checkpoint_every_steps={c.checkpoint_every_steps} must be >= 0 "
         "(0: a checkpoint at the end of every epoch only).",
     )
+    problems += steps_per_execution_problems(c)
     chief = True
     if c.strategy == "multi_worker":
         problem = tf_config_problem(os.environ.get("TF_CONFIG"))
@@ -409,6 +414,36 @@ def config_problems(config):
         problems += foreign_directory_problems(c.model_dir)
         if not c.new_run:
             problems += resume_problems(c)
+    return problems
+
+
+def steps_per_execution_problems(config, steps_per_epoch=None):
+    """Why `--steps_per_execution` cannot be honoured: Python runs only between
+    calls of k steps, so logged and checkpointed steps must be multiples of k,
+    and k must divide the steps of an epoch (`steps_per_epoch`, when known),
+    since Keras draws k batches per call whatever the epoch has left."""
+    c, k = config, config.steps_per_execution
+    if k < 1:
+        return [f"--steps_per_execution={k} must be >= 1."]
+    problems = []
+    if c.checkpoint_every_steps % k:
+        problems.append(
+            f"--checkpoint_every_steps={c.checkpoint_every_steps} must be a "
+            f"multiple of --steps_per_execution={k}: checkpoints are written "
+            f"between calls of {k} steps."
+        )
+    if c.method == "gal" and c.log_every_steps % k:
+        problems.append(
+            f"--log_every_steps={c.log_every_steps} must be a multiple of "
+            f"--steps_per_execution={k}: a step's own values are read between "
+            f"calls of {k} steps."
+        )
+    if steps_per_epoch is not None and steps_per_epoch % k:
+        problems.append(
+            f"--steps_per_execution={k} must divide the {steps_per_epoch} steps "
+            "of an epoch: a call of k steps would run past the epoch's end. "
+            "Choose a divisor of it, or another --batch_size."
+        )
     return problems
 
 
@@ -675,6 +710,8 @@ def dry_run_config(config):
         warmup_epochs=warmup if agreement else 1,
         lr_decay_epochs=(),
         log_every_steps=1,
+        # One step per epoch: nothing to run in one call.
+        steps_per_execution=1,
     )
 
 
@@ -771,6 +808,10 @@ def _prepare(config, chief=True):
             f"--batch_size={config.batch_size} exceeds the {len(split[0])} training "
             f"images of {data.name}{left}."
         )
+    steps_per_epoch = -(-len(split[0]) // config.batch_size)
+    problems = steps_per_execution_problems(config, steps_per_epoch)
+    if problems and not config.dry_run:
+        raise ValueError("\n".join(problems))
 
     name = run_name(config, data.name)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -952,7 +993,8 @@ def build_run(config, prepared):
             momentum=config.momentum,
             weight_decay=config.weight_decay,
             weight_decay_mode=config.weight_decay_mode,
-        )
+        ),
+        steps_per_execution=config.steps_per_execution,
     )
     if config.method == "gal":
         method.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
@@ -1458,6 +1500,13 @@ def define_flags(flag_values=None):
         "log_every_steps",
         d["log_every_steps"],
         "Per-step values to TensorBoard and steps.csv every this many steps.",
+    )
+    define.integer(
+        "steps_per_execution",
+        d["steps_per_execution"],
+        "Train steps per call from Python (Keras' steps_per_execution): the same "
+        "run, with fewer host-device round trips. Must divide the steps of an "
+        "epoch, --checkpoint_every_steps and (GAL) --log_every_steps.",
     )
     define.bool(
         "train_fit",

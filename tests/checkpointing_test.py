@@ -464,6 +464,37 @@ def test_stop_names_the_epoch_the_step_and_the_network(tiny):
     assert (error.value.epoch, error.value.step, error.value.global_step) == (2, 3, 7)
     assert error.value.networks == ["student"]
     assert "student at epoch 2, step 3 of 4" in str(error.value)
+    # Checked at the end of the epoch, one step later: step 7 and step 8 were
+    # both held back, so every network and optimizer is as before step 7.
+    assert probe.step == 8
+    groups = [name for name, group in gal.run_state().items() for _ in group]
+    for name, before, now in zip(groups, probe.before, _values(gal)):
+        if name != "gal":  # GAL's counters and last-step values move by design
+            np.testing.assert_array_equal(before, now, err_msg=name)
+
+
+def test_a_late_stop_names_the_first_faulty_step_and_saves_nothing_after_it(
+    tiny, tmp_path
+):
+    gal, poison, training_set = _poisoned_gal(tiny, "stop")
+    gal.ensure_pseudo_label_table(training_set.num_examples, 3)
+    run = checkpointing.RunCheckpoint(gal, str(tmp_path), training_set.labels)
+    saver = checkpointing.CheckpointCallback(run, gal, 4, every_n_steps=2)
+    probe = PoisonStep(gal, poison, at=5)
+    try:
+        with pytest.raises(NonFiniteError) as error:
+            gal.fit(training_set, epochs=2, callbacks=[probe, saver], verbose=0)
+    finally:
+        saver.close()
+    # Raised by the checkpoint due at step 6, which was not written.
+    assert probe.step == 6 and error.value.global_step == 5
+    assert run.latest_on_disk.endswith("ckpt-4")
+    reader = tf.train.load_checkpoint(run.latest_on_disk)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), name
+    assert all(np.isfinite(v).all() for v in _values(gal))
 
 
 def test_a_diverging_cli_run_stops_with_exit_3_and_keeps_its_checkpoint(tmp_path):

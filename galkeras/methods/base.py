@@ -12,10 +12,14 @@ loss (`network_losses`). Shared here:
 - `on_nonfinite` (stop, or skip the step for every network), as GAL has it;
 - evaluation of each network and of the two networks' joint prediction
   (Eq. 6 of the GAL paper: the mean of their softmax outputs);
-- `fit` from any global step (a resumed run continues mid-epoch), `predict`
+- `fit` from any global step (a resumed run continues mid-epoch), with no
+  host-device sync between steps and any `steps_per_execution` that divides
+  an epoch (`fit_from_step`, `FitCallbacks`), `predict`
   with the reported network, `classifier` for export, `run_state` for
   checkpoints, and `get_config` for `.keras` files.
 """
+
+import math
 
 import keras
 import numpy as np
@@ -25,6 +29,7 @@ from galkeras import sampling
 from galkeras.gated_update import (
     DynamicLossScale,
     GatedUpdate,
+    NonFiniteStop,
     record_nonfinite,
 )
 from galkeras.methods.small_loss import ForgetRate, num_remember_tensor
@@ -44,8 +49,9 @@ class NoisyLabelMethod(keras.Model):
     Args:
         networks: `keras.Model`s mapping raw images to logits, one per name in
             `NETWORKS`, in that order.
-        on_nonfinite: `"stop"` (default: `fit` raises after a step with a
-            non-finite loss or gradient) or `"skip_step"` (that step moves no
+        on_nonfinite: `"stop"` (default: a step with a non-finite loss or
+            gradient and every later one move no network, and `fit` raises at
+            its next check, see `GAL`) or `"skip_step"` (that step moves no
             network and is counted in `nonfinite_steps`).
     """
 
@@ -76,6 +82,12 @@ class NoisyLabelMethod(keras.Model):
         self.steps_per_epoch = self._counter("steps_per_epoch", "int64")
         self.nonfinite_steps = self._counter("nonfinite_steps", "int32")
         self.nonfinite_networks = self._counter("nonfinite_networks", "int32")
+        self.nonfinite_stop = NonFiniteStop(
+            self.distribute_strategy, self.NETWORKS, on_nonfinite == "stop"
+        )
+        # The run step after the latest execution of `fit`, as Python knows it
+        # without reading `run_step` (`FitCallbacks` sets it).
+        self.host_step = 0
         self.loss_scaling = networks[0].dtype_policy.compute_dtype == "float16"
         self.loss_scale = DynamicLossScale(self, "loss_scale", self.loss_scaling)
         self._updates = None
@@ -210,14 +222,12 @@ class NoisyLabelMethod(keras.Model):
         epoch = self.run_step // tf.maximum(self.steps_per_epoch, 1)
         networks = self.networks
         replicas = self.distribute_strategy.num_replicas_in_sync
-        skip = self.on_nonfinite == "skip_step"
-        if skip:
-            # The forward passes move BatchNorm statistics: keep the old ones.
-            saved = [
-                (_tf_variable(v), tf.identity(v.value))
-                for net in networks.values()
-                for v in net.non_trainable_variables
-            ]
+        # The forward passes move BatchNorm statistics: keep the old ones.
+        saved = [
+            (_tf_variable(v), tf.identity(v.value))
+            for net in networks.values()
+            for v in net.non_trainable_variables
+        ]
         with tf.GradientTape(persistent=len(networks) > 1) as tape:
             logits = {
                 name: tf.cast(net(images, training=True), tf.float32)
@@ -244,21 +254,24 @@ class NoisyLabelMethod(keras.Model):
         step_ok = record_nonfinite(
             faults, self.NETWORKS, self.nonfinite_steps, self.nonfinite_networks
         )
+        # `stop`: from the first faulty step on, nothing moves until the check.
+        step_ok = self.nonfinite_stop.hold(
+            step_ok, self.run_step, self.nonfinite_networks
+        )
         finite = self.loss_scale.check([g for gs in grads.values() for g in gs])
         for (name, net), gated in zip(networks.items(), self._updates):
             # A step the method leaves out (`update` False) closes every gate:
             # weights and slots stay, but the iteration counter, and with it
-            # the learning-rate schedule, keeps the epoch's clock. A skipped
+            # the learning-rate schedule, keeps the epoch's clock. A held-back
             # non-finite step holds the counter back too.
             gated.apply(
                 grads[name],
                 gates=None if update is None else [update] * len(grads[name]),
-                step_ok=step_ok if skip else None,
+                step_ok=step_ok,
                 finite=finite,
             )
-        if skip:
-            for variable, old in saved:
-                variable.assign(tf.where(step_ok, variable.read_value(), old))
+        for variable, old in saved:
+            variable.assign(tf.where(step_ok, variable.read_value(), old))
         self.run_step.assign_add(1)
         self._train_trackers["loss"].update_state(losses[self.REPORTED])
         for key, value in values.items():
@@ -385,6 +398,7 @@ class NoisyLabelMethod(keras.Model):
             self.run_step.assign(first_step)
 
         return fit_from_step(
+            self,
             super().fit,
             dataset,
             initial_step,
@@ -451,41 +465,147 @@ class SmallLossMethod(NoisyLabelMethod):
 
 
 def fit_from_step(
-    keras_fit, dataset, initial_step, epochs, steps, on_part=None, **fit_kwargs
+    method,
+    keras_fit,
+    dataset,
+    initial_step,
+    epochs,
+    steps,
+    on_part=None,
+    callbacks=None,
+    verbose="auto",
+    **fit_kwargs,
 ):
-    """Keras `fit` (`keras_fit`, a model's inherited `fit`) over `dataset` so that
-    training covers global steps `initial_step` to `epochs * steps`.
+    """Keras `fit` (`keras_fit`, `method`'s inherited `fit`) over `dataset` so
+    that training covers global steps `initial_step` to `epochs * steps`.
 
     Keras' epochs all have one length, so the rest of an epoch a resumed run
     stopped in is a fit of its own; the two `History` objects are merged.
     `on_part(first_step)` runs before each fit (to point a stream at its step).
+    Each fit calls `callbacks` through `FitCallbacks`, which reads nothing from
+    the device between steps.
+
+    Keras draws `method.steps_per_execution` (k) batches per call, whatever the
+    epoch has left, so k must divide `steps`. The rest of a resumed epoch runs
+    at the largest k' dividing both k and its length: its calls then still end
+    at every multiple of k, where logging and checkpoints act.
     """
     if initial_step < 0:
         raise ValueError(f"initial_step must be >= 0; got {initial_step}.")
+    every = method.steps_per_execution
+    if not isinstance(every, int) or every < 1 or steps % every:
+        raise ValueError(
+            f"steps_per_execution={every} must be an integer >= 1 that divides "
+            f"the {steps} steps of an epoch: Keras would otherwise run the last "
+            "call of an epoch into the next one."
+        )
 
     def part(first_epoch, last_epoch, steps_per_epoch, first_step):
+        _set_steps_per_execution(method, math.gcd(every, steps_per_epoch))
         if on_part is not None:
             on_part(first_step)
+        callback_list = FitCallbacks(
+            callbacks,
+            method,
+            first_step,
+            steps,
+            verbose=verbose,
+            epochs=last_epoch,
+            steps=steps_per_epoch,
+        )
         return keras_fit(
             dataset,
             epochs=last_epoch,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch,
             shuffle=False,
+            callbacks=callback_list,
+            verbose=verbose,
             **fit_kwargs,
         )
 
-    first_epoch, done_in_epoch = divmod(int(initial_step), steps)
-    if not done_in_epoch:
-        return part(first_epoch, epochs, steps, first_epoch * steps)
-    history = part(first_epoch, first_epoch + 1, steps - done_in_epoch, initial_step)
-    if first_epoch + 1 >= epochs:
-        return history
-    rest = part(first_epoch + 1, epochs, steps, (first_epoch + 1) * steps)
+    try:
+        first_epoch, done_in_epoch = divmod(int(initial_step), steps)
+        if not done_in_epoch:
+            return part(first_epoch, epochs, steps, first_epoch * steps)
+        history = part(
+            first_epoch, first_epoch + 1, steps - done_in_epoch, initial_step
+        )
+        if first_epoch + 1 >= epochs:
+            return history
+        rest = part(first_epoch + 1, epochs, steps, (first_epoch + 1) * steps)
+    finally:
+        _set_steps_per_execution(method, every)
     for key, values in history.history.items():
         rest.history[key] = values + rest.history.get(key, [])
     rest.epoch = history.epoch + rest.epoch
     return rest
+
+
+def _set_steps_per_execution(method, every):
+    """Sets `method.steps_per_execution`, remaking the functions that were
+    traced with the old value."""
+    if method.steps_per_execution == every:
+        return
+    method.steps_per_execution = every
+    method.make_train_function(force=True)
+    if method.test_function is not None:
+        method.make_test_function(force=True)
+
+
+class FitCallbacks(keras.callbacks.CallbackList):
+    """The callback list of a method's `fit`: Keras' own, but a batch costs no
+    host-device sync, and callbacks know the run step without reading it.
+
+    With TensorFlow, Keras' list converts every log to Python after every call
+    of the train function (it has no asynchronous path on that backend), which
+    waits for the device, whether any callback reads the logs or not. Here the
+    batch-end hooks get the logs as the tensors the train step returned: a
+    callback that reads one (`float(logs["loss"])`) pays the wait; the others
+    do not. Epoch ends get Python logs, as in Keras.
+
+    Before the batch-end hooks run, it sets `method.host_step` to the run step
+    after that call, from Keras' batch index (the last step of the call), so
+    that `RunLogger` and `CheckpointCallback` act at their steps without
+    reading `run_step` from the device.
+
+    Args:
+        callbacks: the fit's callbacks.
+        method: the `GAL` or `NoisyLabelMethod` being fitted.
+        first_step: the run step this fit starts at.
+        steps_per_epoch: steps of a whole epoch of the run.
+        **params: Keras' callback params (`verbose`, `epochs`, `steps`).
+    """
+
+    def __init__(self, callbacks, method, first_step, steps_per_epoch, **params):
+        super().__init__(
+            callbacks,
+            add_history=True,
+            add_progbar=params["verbose"] != 0,
+            model=method,
+            **params,
+        )
+        self._first_step = int(first_step)
+        self._steps_per_epoch = int(steps_per_epoch)
+        self._epoch_start = self._first_step
+
+    def on_train_begin(self, logs=None):
+        self.model.host_step = self._first_step
+        super().on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # A resumed epoch starts at the fit's first step, any other at its own.
+        self._epoch_start = max(epoch * self._steps_per_epoch, self._first_step)
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.host_step = self._epoch_start + batch + 1
+        for callback in self.callbacks:
+            callback.on_train_batch_end(batch, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        for callback in self.callbacks:
+            callback.on_test_batch_end(batch, logs)
 
 
 def training_set_of(x, y, batch_size, method, num_classes, fit_kwargs):
@@ -516,12 +636,12 @@ def training_set_of(x, y, batch_size, method, num_classes, fit_kwargs):
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-    """Raises `galkeras.model.NonFiniteError` right after a step with a
-    non-finite loss or gradient, when the method's `on_nonfinite` is `stop`.
-
-    It reads the method's own counters (`nonfinite_steps`, the bit mask
-    `nonfinite_networks` over `NETWORKS`, `run_step`), so it depends on no
-    other callback.
+    """Raises `galkeras.gated_update.NonFiniteError` at the end of an epoch that
+    had a step with a non-finite loss or gradient, when the method's
+    `on_nonfinite` is `stop`. The step itself, and every step after it, was held
+    back in the graph (`NonFiniteStop`); `RunLogger` and `CheckpointCallback`
+    check too, before they read or save anything. The methods' `fit` puts it
+    first, so no other callback sees such an epoch end.
 
     Args:
         method: `GAL` or a `NoisyLabelMethod`.
@@ -532,29 +652,12 @@ class StopOnNonFinite(keras.callbacks.Callback):
         super().__init__()
         self._method = method
         self._steps = int(steps_per_epoch)
-        self._seen = None
 
     def on_train_begin(self, logs=None):
-        self._seen = int(self._method.nonfinite_steps.numpy())
+        self._method.nonfinite_stop.reset(self._steps)
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self._method.on_nonfinite != "stop":
-            return
-        count = int(self._method.nonfinite_steps.numpy())
-        if count > self._seen:
-            from galkeras.model import NonFiniteError
-
-            method = self._method
-            bits = int(method.nonfinite_networks.numpy())
-            steps = self._steps
-            step = method.global_step
-            raise NonFiniteError(
-                epoch=(step - 1) // steps + 1,
-                step=(step - 1) % steps + 1,
-                steps_per_epoch=steps,
-                global_step=step,
-                networks=[n for i, n in enumerate(method.NETWORKS) if bits >> i & 1],
-            )
+    def on_epoch_end(self, epoch, logs=None):
+        self._method.nonfinite_stop.check()
 
 
 def _tf_variable(v):
