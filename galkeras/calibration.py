@@ -403,14 +403,6 @@ def calibrate(
                 raise ValueError("No samples with finite logits to estimate T on.")
             matrix = estimate_transition_matrix(softmax(z), noisy_labels, num_classes)
         fit = fit_temperature(z, noisy_labels, matrix)
-        if fit.at_bound:
-            # Measured: fits that ran to the range's end (t = 0.01 on 100
-            # held-out samples at sym 80%) multiplied the test NLL by 10-40.
-            raise ValueError(
-                f"the temperature fit ran to the end of its range (t = "
-                f"{fit.temperature:.3g}): these {samples} noisy labels do not "
-                "identify a temperature"
-            )
     except ValueError as error:
         from absl import logging
 

@@ -66,14 +66,10 @@ def _network_outputs(method, networks, images, batch_size, softmax):
     from galkeras.teacher import predict_over
 
     models = [method.classifier(name) for name in networks]
-    # One trace for every batch size: repeated calls (a pass per split) would
-    # otherwise trace twice each (the last batch is smaller).
-    signature = {
-        "image": tf.TensorSpec([None, *models[0].input_shape[1:]], tf.float32),
-        "id": tf.TensorSpec([None], tf.int64),
-    }
 
-    @tf.function(input_signature=[signature])
+    # A shape-relaxed trace, not an input signature: under a multi-worker
+    # strategy an input signature refuses the replicas' values.
+    @tf.function(reduce_retracing=True)
     def predict(batch):
         outputs = []
         for model in models:
