@@ -32,7 +32,6 @@ Usage:
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -158,17 +157,7 @@ def run_trainings(trainings, parallel, log):
             os.makedirs(training.run_dir, exist_ok=True)
             with open(flagfile, "w") as f:
                 f.write(memorisation.flag_lines(values))
-            env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1")
-            env.update(TF_NUM_INTEROP_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
-            env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-            with open(os.path.join(training.run_dir, "train.log"), "w") as logf:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "galkeras.train", f"--flagfile={flagfile}"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                )
+            proc = memorisation.start_training(training.run_dir, flagfile)
             log(f"started {training.run_dir}")
             running.append((training, proc, time.time()))
         time.sleep(1)

@@ -278,6 +278,22 @@ class Job:
         return (self.regime, self.noise, self.seed)
 
 
+def start_training(run_dir, flagfile):
+    """Starts `python -m galkeras.train --flagfile=<flagfile>` on one thread,
+    its output in `<run_dir>/train.log`; returns the `Popen`."""
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1")
+    env.update(TF_NUM_INTEROP_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    with open(os.path.join(run_dir, "train.log"), "w") as logf:
+        return subprocess.Popen(
+            [sys.executable, "-m", "galkeras.train", f"--flagfile={flagfile}"],
+            cwd=ROOT,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
     """Runs the unfinished `jobs`, `parallel` at a time, each single-threaded,
     respecting that a random control waits for its gate's run."""
@@ -324,18 +340,7 @@ def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
             flagfile = os.path.join(job.run_dir, "run.flags")
             with open(flagfile, "w") as f:
                 f.write(flag_lines(values))
-            env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1")
-            env["TF_NUM_INTEROP_THREADS"] = "1"
-            env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-            env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-            with open(os.path.join(job.run_dir, "train.log"), "w") as logf:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "galkeras.train", f"--flagfile={flagfile}"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                )
+            proc = start_training(job.run_dir, flagfile)
             log(f"started {job.run_dir}")
             running.append((job, proc, time.time()))
         if not ready and not running and pending:

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import run_module, tiny_data, tiny_run_config
+from conftest import run_module, tiny_run_config, toy_npz
 
 from galkeras import calibration, noise
 
@@ -196,12 +196,8 @@ def test_a_run_serves_its_calibrated_network_and_from_run_recomputes_it(tmp_path
 
     from galkeras import export, summary, train
 
-    images, labels = tiny_data(n=150, shape=(6, 6, 1))
-    test_images, test_labels = tiny_data(n=30, seed=1, shape=(6, 6, 1))
     path = tmp_path / "toy.npz"
-    np.savez(
-        path, x_train=images, y_train=labels, x_test=test_images, y_test=test_labels
-    )
+    images, labels, test_images, test_labels = toy_npz(path, n=150, n_test=30)
     config = tiny_run_config(
         tmp_path,
         f"npz:{path}",

@@ -45,6 +45,17 @@ def tiny_data(n=48, num_classes=3, seed=0, shape=(4, 4, 1)):
     return images, labels.astype(np.int64)
 
 
+def toy_npz(path, n=150, n_test=30, shape=(6, 6, 1)):
+    """Writes `tiny_data` train and test splits as an `npz:` dataset at `path`;
+    returns `(images, labels, test_images, test_labels)`."""
+    images, labels = tiny_data(n=n, shape=shape)
+    test_images, test_labels = tiny_data(n=n_test, seed=1, shape=shape)
+    np.savez(
+        path, x_train=images, y_train=labels, x_test=test_images, y_test=test_labels
+    )
+    return images, labels, test_images, test_labels
+
+
 # The environment of CLI subprocesses: quiet, CPU only, no inherited cluster.
 CLI_ENV = {
     **{k: v for k, v in os.environ.items() if k != "TF_CONFIG"},

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_module, tiny_data, tiny_run_config
+from conftest import run_module, tiny_run_config, toy_npz
 
 from galkeras import label_issues
 from galkeras.datasets import DatasetError, load_dataset
@@ -134,12 +134,8 @@ def test_flipped_labels_of_a_separable_toy_rank_on_top(tmp_path):
 
     from galkeras import train
 
-    images, labels = tiny_data(n=300, shape=(6, 6, 1))
-    test_images, test_labels = tiny_data(n=60, seed=1, shape=(6, 6, 1))
     path = tmp_path / "toy.npz"
-    np.savez(
-        path, x_train=images, y_train=labels, x_test=test_images, y_test=test_labels
-    )
+    images, labels, test_images, test_labels = toy_npz(path, n=300, n_test=60)
     config = tiny_run_config(
         tmp_path,
         f"npz:{path}",
