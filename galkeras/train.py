@@ -18,6 +18,7 @@ import time
 from absl import app, flags, logging
 
 from galkeras import noise, run_directory
+from galkeras.datasets import DatasetError, check_dataset_spec
 from galkeras.datasets.cifar import REAL_NOISE_TYPES
 from galkeras.run_directory import (  # noqa: F401  (re-exported)
     LOCK_FILE,
@@ -297,6 +298,10 @@ def config_problems(config):
         )
     need(c.verbose in (0, 1, 2), f"--verbose={c.verbose} must be 0, 1 or 2.")
     problems += dataset_flag_problems(c)
+    try:  # the name and its argument: no data is read, TensorFlow not loaded
+        check_dataset_spec(c.dataset)
+    except DatasetError as error:
+        problems.append(f"--dataset: {error}")
     if c.method not in METHODS:
         problems.append(f"--method={c.method!r} is unknown; choose one of {METHODS}.")
     else:

@@ -196,23 +196,40 @@ def test_training_run_decodes_from_disk_and_exports(tmp_path):
     assert [n.decode() in CLASSES for n in out["class_name"].numpy()] == [True] * 2
 
 
-@pytest.mark.large
-@pytest.mark.parametrize(
-    "damage, named",
-    [
-        (lambda m: _append(m / "clean_label_kv.txt", "images/0/00/x.jpg 3 4"), "line"),
-        (lambda m: (m / "images/1/01/train_1.jpg").write_bytes(b""), "empty file"),
-        (lambda m: (m / "noisy_train_key_list.txt").unlink(), "lacks"),
-    ],
-    ids=["malformed_line", "corrupt_image", "incomplete_manual_dir"],
-)
-def test_cli_bad_release_exits_2_before_training(tmp_path, damage, named):
-    import subprocess
-    import sys
+DAMAGES = [
+    (lambda m: _append(m / "clean_label_kv.txt", "images/0/00/x.jpg 3 4"), "line"),
+    (lambda m: (m / "images/1/01/train_1.jpg").write_bytes(b""), "empty file"),
+    (lambda m: (m / "noisy_train_key_list.txt").unlink(), "lacks"),
+]
+DAMAGE_IDS = ["malformed_line", "corrupt_image", "incomplete_manual_dir"]
 
+
+def _damaged_release(tmp_path, damage):
     manual = tmp_path / "downloads" / "manual"
     write_fake_release(str(manual))
     damage(manual)
+
+
+@pytest.mark.parametrize("damage, named", DAMAGES, ids=DAMAGE_IDS)
+def test_a_bad_release_is_refused_before_training(tmp_path, damage, named):
+    # In process; the command line's exit code is the next test's.
+    _damaged_release(tmp_path, damage)
+    config = train.TrainConfig(
+        dataset="clothing1m", data_dir=str(tmp_path), model_dir=str(tmp_path / "run")
+    )
+    with pytest.raises(train.ConfigError) as refused:
+        train.run(config)
+    assert named in str(refused.value) and "clothing1m" in str(refused.value)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.large
+def test_cli_bad_release_exits_2_before_training(tmp_path):
+    import subprocess
+    import sys
+
+    damage, named = DAMAGES[-1]
+    _damaged_release(tmp_path, damage)
     result = subprocess.run(
         [
             sys.executable,

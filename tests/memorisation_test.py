@@ -33,7 +33,7 @@ def test_quick_benchmark_runs_controls_and_random_matches_its_gate(tmp_path):
         assert 0.0 <= ce["net"][key] <= 100.0
     # CE is --method=ce, and its fit of the noisy training labels is kept.
     assert ce["reported_network"] == "net"
-    assert len(ce["history"]["train_noisy_net_accuracy"]) == 6
+    assert len(ce["history"]["train_noisy_net_accuracy"]) == 4
     # The random control opens, in expectation, the share its gate opened.
     gate = runs["gal_element"]["0"]["mean_agreement_param_ratio"]
     flags_text = (
