@@ -151,6 +151,8 @@ STEP_CONTENDERS = (
     "twins_all",
     "twins_zero_grad",
     "gal",
+    "gal_xla_passes",
+    "gal_xla",
 )
 # GAL options of each GAL contender (`ce_keras` is a plain keras.Model).
 GAL_OPTIONS = {
@@ -162,6 +164,12 @@ GAL_OPTIONS = {
         warmup_epochs=0, train_student=False, masked_update="zero_grad"
     ),
     "gal": dict(warmup_epochs=0, train_student=True),
+    # XLA: each network's pass compiled (what every strategy gets), and the
+    # whole step too (what Keras adds without a strategy).
+    "gal_xla_passes": dict(
+        warmup_epochs=0, train_student=True, jit_compile=True, whole_step=False
+    ),
+    "gal_xla": dict(warmup_epochs=0, train_student=True, jit_compile=True),
 }
 MEMORY_CONTENDERS = ("ce_keras", "ce", "twins", "gal")
 TARGETS = {
@@ -183,7 +191,7 @@ PAPER_TABLE6_HOURS = {
     "colearning": 5.2,
     "gal": 5.1,
 }
-TABLE6_METHODS = ("ce", "coteaching", "coteaching_plus", "jocor", "gal")
+TABLE6_METHODS = ("ce", "coteaching", "coteaching_plus", "jocor", "gal", "gal_split")
 METHOD_LABELS = {
     "ce": "Cross entropy",
     "coteaching": "Co-teaching",
@@ -191,6 +199,7 @@ METHOD_LABELS = {
     "jocor": "JoCoR",
     "colearning": "Co-learning",
     "gal": "GAL",
+    "gal_split": "GAL, θC from the split",
 }
 
 
@@ -415,7 +424,7 @@ def sgd():
     return optimizers.SGD(0.02, momentum=0.9, weight_decay=5e-4)
 
 
-def build_gal(backbone, student=None, **options):
+def build_gal(backbone, student=None, jit_compile=False, whole_step=True, **options):
     keras.utils.set_random_seed(0)
     gal = GAL(
         backbone.build("twin_a"),
@@ -424,7 +433,9 @@ def build_gal(backbone, student=None, **options):
         tau=TAU,
         **options,
     )
-    gal.compile(optimizer=sgd())
+    gal.compile(optimizer=sgd(), jit_compile=jit_compile)
+    if not whole_step:
+        gal.jit_compile = False  # the passes only, as under a strategy
     return gal
 
 
@@ -624,6 +635,8 @@ def part_step(settings, benches):
             "gal_over_ce": ratio(times, "gal", "ce"),
             "gal_warmup_over_ce": ratio(times, "gal_warmup", "ce"),
             "ce_over_ce_keras": ratio(times, "ce", "ce_keras"),
+            "gal_xla_passes_over_gal": ratio(times, "gal_xla_passes", "gal"),
+            "gal_xla_over_gal": ratio(times, "gal_xla", "gal"),
             "twins_all_over_ce": ratio(times, "twins_all", "ce"),
             "agreement_gating_over_twins": {
                 "ratio": gating / seconds["twins"],
@@ -670,6 +683,8 @@ def part_step(settings, benches):
                 fmt_ms(seconds["gal_warmup"]),
                 fmt_ms(seconds["twins"]),
                 fmt_ms(seconds["gal"]),
+                fmt_ms(seconds["gal_xla_passes"]),
+                fmt_ms(seconds["gal_xla"]),
                 f"{ratios['twins_over_ce']['ratio']:.2f} (≤ 2.05)",
                 f"{ratios['gal_over_ce']['ratio']:.2f} (≤ 3.1)",
                 fmt_ms(seconds["agreement"]),
@@ -689,6 +704,8 @@ def part_step(settings, benches):
             "GAL warm-up (θA + θC)",
             "twins",
             "full GAL",
+            "full GAL, XLA passes",
+            "full GAL, XLA step",
             "twins / CE",
             "GAL / CE",
             "cosine + gates",
@@ -1405,6 +1422,8 @@ def table6_dataset(directory, settings):
 def table6_config(settings, method, dataset, run_dir, dry_run=False):
     """The `TrainConfig` of `method`'s run, writing only under `run_dir`."""
     options = {}
+    if method == "gal_split":  # GAL with --student_start=split
+        method, options["student_start"] = "gal", "split"
     if method == "gal":
         options["warmup_epochs"] = settings.table6_warmup_epochs
     if method == "coteaching_plus":
@@ -1491,6 +1510,7 @@ def part_table6(settings):
         m: {"hours": h, "over_ce": h / PAPER_TABLE6_HOURS["ce"]}
         for m, h in PAPER_TABLE6_HOURS.items()
     }
+    paper["gal_split"] = paper["gal"]  # the paper's one GAL row
     result = {
         "run": {
             "dataset": "synthetic, learnable (class j brightens a band of rows)",
@@ -1526,9 +1546,9 @@ def part_table6(settings):
         "paper": paper,
     }
     rows = []
-    for m in PAPER_TABLE6_HOURS:
+    for m in [*PAPER_TABLE6_HOURS, "gal_split"]:
         label = METHOD_LABELS[m]
-        if m == "gal":
+        if m.startswith("gal"):
             label += f" (W = {settings.table6_warmup_epochs})"
         if m == "coteaching_plus":
             label += f" (init_epoch = {settings.table6_init_epoch})"
@@ -1605,7 +1625,10 @@ def environment():
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "commit": git("rev-parse", "HEAD"),
-        "galkeras_uncommitted_changes": git("status", "--porcelain", "--", "galkeras"),
+        # Relative to the repository root (the working directory is benchmarks/).
+        "galkeras_uncommitted_changes": git(
+            "status", "--porcelain", "--", ":/galkeras"
+        ),
         "load_average_at_start": os.getloadavg(),
         "tiny": FLAGS.tiny,
     }

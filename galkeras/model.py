@@ -21,9 +21,12 @@ from galkeras.gated_update import (  # noqa: F401  (NonFiniteError re-exported)
     record_nonfinite,
 )
 from galkeras.methods.base import StopOnNonFinite, fit_from_step, training_set_of
+from galkeras.network_pass import Inference, NetworkPass, resolve_jit_compile
 from galkeras.teacher import PseudoLabelTable
 
 ON_NONFINITE = ("stop", "skip_step")
+# When θC starts training: with the twins from the first epoch, or at the split.
+STUDENT_STARTS = ("first_epoch", "split")
 WARMUP, AGREEMENT = "warmup", "agreement"
 # Bits of `GAL.nonfinite_networks`, in this order.
 NETWORK_NAMES = ("twin_a", "twin_b", "student")
@@ -96,6 +99,11 @@ class GAL(keras.Model):
             usual, so momentum and weight decay still act).
         train_student: bool; `False` trains the twins alone (a CE baseline when
             `warmup_epochs` equals the number of epochs).
+        student_start: `"first_epoch"` (default: θC learns from the twins'
+            table from the first epoch, θA's alone during the warm-up) or
+            `"split"` (θC waits for the twins' split, then learns from their
+            joint prediction; its learning-rate schedule keeps the run's
+            epochs). The paper does not say which (§3.3).
         seed: int, seed of the `random` rule's draws.
         on_nonfinite: what a step with a non-finite loss or gradient (NaN or
             inf; under float16 a non-finite *loss*, since gradient overflow is
@@ -146,6 +154,7 @@ class GAL(keras.Model):
         seed=0,
         on_nonfinite="stop",
         agreement_granularity="variable",
+        student_start="first_epoch",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -167,6 +176,10 @@ class GAL(keras.Model):
                 f"agreement_granularity must be one of {agreement.GRANULARITIES}; "
                 f"got {agreement_granularity!r}."
             )
+        if student_start not in STUDENT_STARTS:
+            raise ValueError(
+                f"student_start must be one of {STUDENT_STARTS}; got {student_start!r}."
+            )
         if not -1.0 <= tau <= 1.0:
             raise ValueError(f"tau must be in [-1, 1]; got {tau}.")
         if not 0.0 <= epsilon < 1.0:
@@ -185,6 +198,7 @@ class GAL(keras.Model):
         self.random_update_prob = float(random_update_prob)
         self.masked_update = masked_update
         self.train_student = bool(train_student)
+        self.student_start = student_start
         self.seed = int(seed)
         self.on_nonfinite = on_nonfinite
         self.agreement_granularity = agreement_granularity
@@ -251,6 +265,8 @@ class GAL(keras.Model):
         # One `GatedUpdate` per network, made once the optimizers are built.
         self._gated_updates = None
         self._slots = None
+        # XLA's pieces (see `compile`).
+        self.jit_passes, self._passes, self._infer = False, {}, Inference(False)
         self._variable_sizes = tf.constant(
             [float(np.prod(v.shape)) for v in twin_a.trainable_variables], tf.float32
         )
@@ -337,6 +353,10 @@ class GAL(keras.Model):
             twin_b_optimizer: θB's optimizer; a clone of `optimizer` if omitted.
             **kwargs: `keras.Model.compile` arguments such as `jit_compile` and
                 `steps_per_execution`. Losses and metrics are GAL's own.
+                `jit_compile` (`"auto"`, True, False) compiles each network's
+                forward and backward pass with XLA under every strategy
+                (`galkeras.network_pass`), and the whole step where Keras can
+                (no `tf.distribute` strategy); `"auto"` is XLA on a GPU only.
                 `steps_per_execution=k` runs k train steps per call from
                 Python, with the same results: it must divide the steps of an
                 epoch, and the `every_n_steps` of `RunLogger` and
@@ -349,7 +369,11 @@ class GAL(keras.Model):
                     "the method (CE for the twins, Eq. 9-11 for the student)."
                 )
         optimizer = keras.optimizers.get(optimizer)
-        super().compile(optimizer=optimizer, **kwargs)
+        whole_step, self.jit_passes = resolve_jit_compile(
+            kwargs.get("jit_compile", "auto"), self._distribute_strategy
+        )
+        self._passes, self._infer = {}, Inference(self.jit_passes)
+        super().compile(optimizer=optimizer, **{**kwargs, "jit_compile": whole_step})
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # Keras wraps the optimizer under mixed_float16; GAL scales its losses
             # itself (DynamicLossScale) so that both twins skip a step together.
@@ -455,8 +479,17 @@ class GAL(keras.Model):
             self.phase = phase
             self.make_train_function(force=True)
 
+    @property
+    def trains_student_now(self):
+        """Whether this phase's steps train θC."""
+        return self.train_student and (
+            self.student_start == "first_epoch" or self.phase != WARMUP
+        )
+
     def copy_twin_a_to_b(self):
-        """θB := θA, weights and optimizer state, bit for bit."""
+        """θB := θA, weights and optimizer state, bit for bit. A θC that starts
+        at the split takes θA's step count, so that its learning-rate schedule
+        keeps the run's epochs."""
         self._build_optimizers()
         for source, target in zip(self.twin_a.weights, self.twin_b.weights):
             target.assign(source)
@@ -464,6 +497,8 @@ class GAL(keras.Model):
             raise ValueError("twin_a's and twin_b's optimizers differ in structure.")
         for source, target in zip(self.optimizer.variables, self.optimizer_b.variables):
             target.assign(source)
+        if self.student_start == "split":
+            self.student_optimizer.iterations.assign(self.optimizer.iterations)
         self.twins_split.assign(1)
 
     # ------------------------------------------------------------ train step
@@ -483,7 +518,7 @@ class GAL(keras.Model):
             faults, updates = self._warmup_step(data)
         else:
             faults, updates = self._agreement_step(data)
-        if self.train_student:
+        if self.trains_student_now:
             fault, update = self._student_step(data["image_a"], data["id_a"])
             faults, updates = {**faults, **fault}, [*updates, update]
         step_ok = record_nonfinite(
@@ -523,23 +558,49 @@ class GAL(keras.Model):
     def _cross_entropy_gradients(self, net, images, labels, tracker_prefix):
         """`(loss, gradients)`: `net`'s mean CE on its local batch and its local
         gradients (under float16, of the scaled loss, unscaled)."""
-        variables = net.trainable_variables
         scale = self.twins_loss_scale
-        with tf.GradientTape() as tape:
-            logits = tf.cast(net(images, training=True), tf.float32)
-            loss = keras.ops.mean(
-                keras.losses.sparse_categorical_crossentropy(
-                    labels, logits, from_logits=True
-                )
-            )
-            # The optimizer sums gradients over replicas, so each replica
-            # contributes its mean divided by the replica count.
-            scaled = scale.scale(loss / self.distribute_strategy.num_replicas_in_sync)
-        grads = scale.unscale(tape.gradient(scaled, variables))
+        losses, _, grads, logits = self._network_pass(tracker_prefix)(
+            {"labels": labels}, {tracker_prefix: images}, self._loss_factor(scale)
+        )
+        loss, logits = losses[tracker_prefix], logits[tracker_prefix]
+        grads = scale.unscale(grads[tracker_prefix])
         self._train_trackers[f"{tracker_prefix}_loss"].update_state(loss)
         self.last_step[f"{tracker_prefix}_loss"].assign(loss)
         self._train_trackers[f"{tracker_prefix}_accuracy"].update_state(labels, logits)
         return loss, grads
+
+    def _network_pass(self, name):
+        """The `NetworkPass` of network `name`: the twins' cross entropy, θC's
+        `L_c + L_d` (Eq. 9-11) against the table's rows in `inputs["teacher"]`."""
+        if name not in self._passes:
+            loss_fn = self._student_loss if name == "student" else _mean_ce
+            self._passes[name] = NetworkPass(
+                {name: getattr(self, name)}, loss_fn, self.jit_passes, name=name
+            )
+        return self._passes[name]
+
+    def _student_loss(self, logits, inputs):
+        loss = pseudo_label_loss(inputs["teacher"], logits["student"], self.epsilon)
+        return {"student": keras.ops.mean(loss)}, None
+
+    def check_xla(self, image_shape, batch_size=2):
+        """Raises ValueError, naming the network, when `jit_compile` asks for XLA
+        and XLA cannot compile a network's pass (nothing runs)."""
+        images = tf.zeros([batch_size, *image_shape], tf.float32)
+        classes = self.student.output_shape[-1]
+        for name in NETWORK_NAMES:
+            inputs = (
+                {"teacher": tf.zeros([batch_size, classes], tf.float32)}
+                if name == "student"
+                else {"labels": tf.zeros([batch_size], tf.int64)}
+            )
+            self._network_pass(name).check_compiles(inputs, {name: images})
+
+    def _loss_factor(self, scale):
+        """What each loss is multiplied by before differentiation: the optimizer
+        sums gradients over replicas, so each replica contributes its mean
+        divided by the replica count; under float16, times the loss scale."""
+        return scale.scale(1.0 / self.distribute_strategy.num_replicas_in_sync)
 
     def _warmup_step(self, data):
         """Phase 1: plain cross entropy on θA alone.
@@ -646,13 +707,12 @@ class GAL(keras.Model):
 
         Returns `({"student": fault-free}, update)` (see `train_step`)."""
         teacher = self.teacher.lookup(ids)
-        variables = self.student.trainable_variables
         scale = self.student_loss_scale
-        with tf.GradientTape() as tape:
-            logits = tf.cast(self.student(images, training=True), tf.float32)
-            loss = keras.ops.mean(pseudo_label_loss(teacher, logits, self.epsilon))
-            scaled = scale.scale(loss / self.distribute_strategy.num_replicas_in_sync)
-        grads = scale.unscale(tape.gradient(scaled, variables))
+        losses, _, grads, _ = self._network_pass("student")(
+            {"teacher": teacher}, {"student": images}, self._loss_factor(scale)
+        )
+        loss = losses["student"]
+        grads = scale.unscale(grads["student"])
         self._train_trackers["loss"].update_state(loss)
         self.last_step["student_loss"].assign(loss)
 
@@ -666,13 +726,11 @@ class GAL(keras.Model):
     def _twin_probabilities(self, images):
         """`(softmax θA, softmax θB)`; before the split θB is θA (it does not train
         during warm-up), so its forward pass is skipped."""
-        p_a = tf.nn.softmax(tf.cast(self.twin_a(images, training=False), tf.float32))
+        p_a = tf.nn.softmax(self._infer(self.twin_a, images))
         # During warm-up θB is untrained and stands for θA: skip its forward pass.
         p_b = tf.cond(
             self.twins_split > 0,
-            lambda: tf.nn.softmax(
-                tf.cast(self.twin_b(images, training=False), tf.float32)
-            ),
+            lambda: tf.nn.softmax(self._infer(self.twin_b, images)),
             lambda: p_a,
         )
         return p_a, p_b
@@ -699,7 +757,7 @@ class GAL(keras.Model):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(images, tf.float32)
         p_a, p_b = self._twin_probabilities(images)
-        logits_c = self.student(images, training=False)
+        logits_c = self._infer(self.student, images)
         t = self._test_trackers
         t["loss"].update_state(
             keras.ops.mean(
@@ -717,8 +775,7 @@ class GAL(keras.Model):
     def predict_step(self, data):
         """θC's class probabilities."""
         images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        logits = self.student(tf.cast(images, tf.float32), training=False)
-        return tf.nn.softmax(tf.cast(logits, tf.float32))
+        return tf.nn.softmax(self._infer(self.student, tf.cast(images, tf.float32)))
 
     # ---------------------------------------------------------------- fit
     def ensure_pseudo_label_table(self, num_examples, num_classes):
@@ -873,6 +930,7 @@ class GAL(keras.Model):
                 "seed": self.seed,
                 "on_nonfinite": self.on_nonfinite,
                 "agreement_granularity": self.agreement_granularity,
+                "student_start": self.student_start,
             }
         )
         return config
@@ -905,6 +963,18 @@ class VectorMean(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "length": self.length}
+
+
+def _mean_ce(logits, inputs):
+    """`NetworkPass` loss: each network's mean cross entropy on `labels`."""
+    return {
+        name: keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                inputs["labels"], value, from_logits=True
+            )
+        )
+        for name, value in logits.items()
+    }, None
 
 
 def _dense(gradient, variable):

@@ -96,7 +96,7 @@ class RunLogger(keras.callbacks.Callback):
             # Identical batches, identical gradients: every pair agrees (Figure 1).
             values.update(agreement_ratio=1.0, agreement_param_ratio=1.0)
             values.update(updated_ratio=1.0, twin_b_loss=values["twin_a_loss"])
-        if not self.gal.train_student:
+        if not self.gal.trains_student_now:
             values["student_loss"] = float("nan")
         with self._writer.as_default(step=step):
             for key, value in values.items():

@@ -81,6 +81,7 @@ _DEFAULTS = dict(
     agreement_granularity="variable",
     augment="auto",
     train_student=True,
+    student_start="first_epoch",
     model_dir="",
     export_dir="",
     verbose=2,
@@ -91,6 +92,7 @@ _DEFAULTS = dict(
     strategy="auto",
     sync_batchnorm=False,
     mixed_precision="none",
+    jit_compile="auto",
     deterministic=False,
     checkpoint_every_steps=0,
     on_nonfinite="stop",
@@ -117,6 +119,7 @@ BACKBONES = ("small_cnn", "preact_resnet18", "resnet34", "resnet50")
 UPDATE_RULES = ("agreement", "random", "all")
 SAMPLING_MODES = ("cdas", "cdas_no_reverse", "random", "identical")
 MASKED_UPDATES = ("skip", "zero_grad")
+STUDENT_STARTS = ("first_epoch", "split")  # galkeras.model's
 # Plain copies of `galkeras.label_issues`' choices (a test checks they agree).
 LABEL_QUALITY_SCORES = ("self_confidence", "normalized_margin")
 LABEL_ISSUE_FILTERS = (
@@ -144,6 +147,8 @@ AUGMENTATIONS = ("auto", "none", "crop", "crop_flip", "resized_crop_flip")
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
+JIT_COMPILE_VALUES = {"auto": "auto", "true": True, "false": False}
+JIT_COMPILE = tuple(JIT_COMPILE_VALUES)
 ON_NONFINITE = ("stop", "skip_step")
 # The methods (GAL and `galkeras.methods.BY_NAME`, named here so that bad flags
 # are refused before TensorFlow loads), and the flags only some of them read; any
@@ -163,6 +168,7 @@ METHOD_FLAGS = {
         "masked_update",
         "agreement_granularity",
         "train_student",
+        "student_start",
         "student_backbone",
     ),
     "ce": (),
@@ -178,10 +184,10 @@ DATASET_FLAGS = {
     "clothing1m": ("image_size", "skip_corrupt_images"),
 }
 # Flags that may differ when a run resumes: where things are, how much is
-# printed and logged, how often it checkpoints, the hardware it runs on, how many
-# steps run per call (the same steps, bit for bit), and what a non-finite step
-# does. Every other flag changes the run, or (`--train_fit`) the columns of
-# history.csv, which a resumed run appends to.
+# printed and logged, how often it checkpoints, the hardware it runs on and
+# whether XLA compiles it, how many steps run per call (the same steps, bit for
+# bit), and what a non-finite step does. Every other flag changes the run, or
+# (`--train_fit`) the columns of history.csv, which a resumed run appends to.
 RESUME_NEUTRAL = (
     "data_dir",
     "model_dir",
@@ -191,6 +197,7 @@ RESUME_NEUTRAL = (
     "checkpoint_every_steps",
     "steps_per_execution",
     "strategy",
+    "jit_compile",
     "on_nonfinite",
     "new_run",
     "dry_run",
@@ -245,6 +252,7 @@ class TrainConfig:
     agreement_granularity: str = _DEFAULTS["agreement_granularity"]
     augment: str = _DEFAULTS["augment"]
     train_student: bool = _DEFAULTS["train_student"]
+    student_start: str = _DEFAULTS["student_start"]
     model_dir: str = _DEFAULTS["model_dir"]
     export_dir: str = _DEFAULTS["export_dir"]
     verbose: int = _DEFAULTS["verbose"]
@@ -255,6 +263,7 @@ class TrainConfig:
     strategy: str = _DEFAULTS["strategy"]
     sync_batchnorm: bool = _DEFAULTS["sync_batchnorm"]
     mixed_precision: str = _DEFAULTS["mixed_precision"]
+    jit_compile: str = _DEFAULTS["jit_compile"]
     deterministic: bool = _DEFAULTS["deterministic"]
     checkpoint_every_steps: int = _DEFAULTS["checkpoint_every_steps"]
     on_nonfinite: str = _DEFAULTS["on_nonfinite"]
@@ -398,6 +407,8 @@ def config_problems(config):
         ("weight_decay_mode", c.weight_decay_mode, WEIGHT_DECAY_MODES),
         ("strategy", c.strategy, STRATEGIES),
         ("mixed_precision", c.mixed_precision, MIXED_PRECISION),
+        ("jit_compile", c.jit_compile, JIT_COMPILE),
+        ("student_start", c.student_start, STUDENT_STARTS),
         ("on_nonfinite", c.on_nonfinite, ON_NONFINITE),
         ("calibrate", c.calibrate, CALIBRATIONS),
     ):
@@ -535,7 +546,8 @@ def label_issue_problems(config):
 
 # GAL's networks that a run may leave untrained, and why.
 UNTRAINED_WITHOUT = {
-    "student": "--notrain_student",
+    "student": "--notrain_student, or --student_start=split with a warm-up "
+    "lasting every epoch",
     "twin_b": "the warm-up lasts every epoch",
     "joint": "the warm-up lasts every epoch",
 }
@@ -543,9 +555,10 @@ UNTRAINED_WITHOUT = {
 
 def _trains(config, network):
     """Whether GAL's `network` is trained by the run `config` describes."""
+    split = config.warmup_epochs < config.epochs
     if network == "student":
-        return config.train_student
-    return config.warmup_epochs < config.epochs
+        return config.train_student and (config.student_start != "split" or split)
+    return split
 
 
 def label_issue_network(config):
@@ -560,7 +573,7 @@ def label_issue_network(config):
     if config.method == "ce":
         return "net"
     if config.method == "gal":
-        if config.train_student:
+        if _trains(config, "student"):
             return "student"
         if config.warmup_epochs >= config.epochs:
             return "twin_a"
@@ -1000,7 +1013,12 @@ def build_run(config, prepared):
             weight_decay_mode=config.weight_decay_mode,
         ),
         steps_per_execution=config.steps_per_execution,
+        jit_compile=JIT_COMPILE_VALUES[config.jit_compile],
     )
+    try:  # lowered to XLA, not run: an op XLA lacks is named before training
+        method.check_xla(data.image_shape)
+    except ValueError as error:
+        raise ConfigError(f"--jit_compile={config.jit_compile}: {error}") from error
     if config.method == "gal":
         method.ensure_pseudo_label_table(training_set.num_examples, data.num_classes)
     return method, training_set
@@ -1317,6 +1335,7 @@ def build_method(config, make):
             masked_update=config.masked_update,
             agreement_granularity=config.agreement_granularity,
             train_student=config.train_student,
+            student_start=config.student_start,
             seed=config.seed,
             on_nonfinite=config.on_nonfinite,
         )
@@ -1360,14 +1379,14 @@ def per_variable_agreement_logger(gal, path):
 
 def reported_network(config):
     """The network whose accuracy is the run's result: θC for GAL (Tables 1–3),
-    θA for cross entropy (warm-up for every epoch, no θC), and the twins' joint
+    θA for cross entropy (warm-up for every epoch, no trained θC), and the twins' joint
     prediction for twin-level ablations without θC (Table 4, Figure 4); a peer
     method's `REPORTED` network (net 1 of two, CE's one)."""
     if config.method != "gal":
         return "net" if config.method == "ce" else "net1"
-    if config.warmup_epochs >= config.epochs and not config.train_student:
-        return "twin_a"
-    return "student" if config.train_student else "joint"
+    if _trains(config, "student"):
+        return "student"
+    return "joint" if _trains(config, "twin_b") else "twin_a"
 
 
 def training_labels(data, config):
@@ -1496,6 +1515,12 @@ def define_flags(flag_values=None):
         f"One of {AUGMENTATIONS}; auto = the dataset's default.",
     )
     define.bool("train_student", d["train_student"], "Train θC.")
+    define.string(
+        "student_start",
+        d["student_start"],
+        f"One of {STUDENT_STARTS}: θC trains from the first epoch (on θA's "
+        "table during the warm-up) or from the twins' split.",
+    )
     define.string("model_dir", d["model_dir"], "Run directory (default: runs/…).")
     define.string(
         "export_dir", d["export_dir"], "TF Serving base path (default: saved_models/…)."
@@ -1536,6 +1561,13 @@ def define_flags(flag_values=None):
         d["mixed_precision"],
         f"One of {MIXED_PRECISION}; agreement math stays float32; float16 scales "
         "the loss and skips steps with non-finite gradients.",
+    )
+    define.string(
+        "jit_compile",
+        d["jit_compile"],
+        f"One of {JIT_COMPILE}: XLA for each network's forward and backward pass "
+        "under every strategy, and for the whole step without one. auto: on a "
+        "GPU, not on a CPU (measured slower there).",
     )
     define.bool(
         "deterministic",

@@ -31,6 +31,7 @@ PAPER_OVER_CE = {
     "coteaching_plus": 4.3 / 2.1,
     "jocor": 4.4 / 2.1,
     "gal": 5.1 / 2.1,
+    "gal_split": 5.1 / 2.1,  # GAL with θC from the split, beside the paper's GAL
 }
 
 
@@ -135,3 +136,26 @@ def test_tiny_performance_table6_times_every_method_against_ce(tmp_path):
     assert read("summary.json")["parts"] == ["table6"]
     tables = (tmp_path / "tables.md").read_text()
     assert "| Co-learning | not in galkeras |" in tables
+
+
+@pytest.mark.large
+def test_tiny_gpu_check_writes_its_json(tmp_path):
+    result = run_python(
+        os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--tiny", f"--out={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    check = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {"tensorflow", "keras", "python", "device"} <= set(check["environment"])
+    assert check["environment"]["device"] == "CPU"
+    for dtype, timed in (("float32", {"ce", "gal"}), ("bfloat16", {"ce"})):
+        part = check["steps"][dtype]
+        assert set(part["seconds"]) == timed
+        assert part["over_ce"]["ce"] == 1.0
+        assert all(t > 0 for t in part["first_call_seconds"].values())
+        assert set(part["peak_memory_bytes"].values()) == {None}  # no GPU
+    run = check["run"]
+    assert run["epochs"] == 3 and run["wall_seconds"] > run["fit_seconds"] > 0
+    assert run["wall_over_floor"] == pytest.approx(
+        run["wall_seconds"] / run["floor_seconds"]
+    )
+    assert check["paper_gal_over_ce"] == 2.43

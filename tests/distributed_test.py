@@ -210,3 +210,52 @@ def test_sync_batchnorm_normalises_with_the_global_batch_statistics():
     first, second = replica_outputs(synced)
     np.testing.assert_allclose(first, -1.0, atol=1e-3)  # (0 − 1) / 1
     np.testing.assert_allclose(second, 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["gal", "jocor"])
+def test_compiled_passes_on_two_replicas_match_uncompiled(method):
+    # XLA under MirroredStrategy: each replica's forward and backward pass is
+    # one compiled function; the result is the uncompiled run's.
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("needs the two logical CPUs that conftest configures")
+    from conftest import tiny_net
+
+    from galkeras import methods
+
+    def train(jit_compile):
+        with _mirrored().scope():
+            if method == "gal":
+                model = GAL(
+                    tiny_net("twin_a"),
+                    tiny_net("twin_b"),
+                    tiny_net("student", seed=1),
+                    warmup_epochs=1,
+                    tau=0.0,
+                )
+            else:
+                model = methods.JoCoR(tiny_net("a"), tiny_net("b", seed=1), 0.2)
+            model.compile(
+                optimizer=optimizers.SGD(0.1, momentum=0.9), jit_compile=jit_compile
+            )
+        images, labels = tiny_data(32)
+        model.fit(
+            TrainingSet(images, labels, batch_size=8),
+            epochs=2,
+            validation_data=(images, labels),
+            verbose=0,
+        )
+        return model
+
+    compiled, plain = train(True), train(False)
+    passes = list(compiled._passes.values()) if method == "gal" else [compiled._pass]
+    assert len(passes) == (3 if method == "gal" else 1)
+    for network_pass in passes:
+        assert network_pass.jit_compile
+        assert network_pass._function.experimental_get_tracing_count() >= 1
+    assert not compiled.jit_compile  # no whole-step XLA under a strategy
+    for a, b in zip(compiled.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # Evaluation (and GAL's refresh) ran each network's compiled forward pass.
+    assert compiled._infer.jit_compile and compiled._infer._functions
+    for key, values in plain.history.history.items():
+        np.testing.assert_allclose(compiled.history.history[key], values, atol=1e-6)

@@ -433,3 +433,33 @@ def test_slot_map_finds_each_variables_slots():
     assert [len(s) for s in slots] == [2] * len(net.trainable_variables)
     for v, (m, u) in zip(net.trainable_variables, slots):
         assert m.shape == v.shape and "momentum" in m.name and "velocity" in u.name
+
+
+def test_a_student_starting_at_the_split_waits_then_keeps_the_runs_schedule():
+    images, labels = tiny_data(24)
+    schedule = optimizers.piecewise_epoch_schedule(0.1, (2,), 0.1, 3)  # 3 steps/epoch
+    first, split = (
+        _gal(optimizers.SGD(schedule), warmup_epochs=2, student_start=start)
+        for start in ("first_epoch", "split")
+    )
+    initial = [w.copy() for w in split.student.get_weights()]
+    for gal in (first, split):
+        gal.fit(TrainingSet(images, labels, batch_size=8), epochs=2, verbose=0)
+    # Two warm-up epochs: θC moved from the first epoch on, or not at all.
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(first.student.get_weights(), initial)
+    )
+    for a, b in zip(split.student.get_weights(), initial):
+        np.testing.assert_array_equal(a, b)
+    assert int(split.student_optimizer.iterations.numpy()) == 0
+    # At the split θC takes θA's step count: its learning rate is the epoch's
+    # (a tenth from epoch 2 on), not the first epoch's.
+    split.fit(
+        TrainingSet(images, labels, batch_size=8), epochs=3, initial_epoch=2, verbose=0
+    )
+    assert int(split.student_optimizer.iterations.numpy()) == 9
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(split.student.get_weights(), initial)
+    )
+    with pytest.raises(ValueError, match="student_start must be one of"):
+        _gal(warmup_epochs=1, student_start="later")

@@ -38,6 +38,7 @@ def test_cli_choices_match_the_library():
     assert train.UPDATE_RULES == agreement.UPDATE_RULES
     assert train.SAMPLING_MODES == sampling.SAMPLING_MODES
     assert train.MASKED_UPDATES == model.MASKED_UPDATES
+    assert train.STUDENT_STARTS == model.STUDENT_STARTS
     assert train.GRANULARITIES == agreement.GRANULARITIES
     assert train.ON_NONFINITE == model.ON_NONFINITE
     assert train.LOCK_FILE == checkpointing.LOCK_FILE
@@ -184,6 +185,8 @@ BAD_FLAGS = [
     (["--epochs=5", "--warmup_epochs=6", "--lr_decay_epochs=2"], "--warmup_epochs"),
     (["--lr_decay_epochs=x"], "--lr_decay_epochs"),
     (["--calibrate=platt"], "--calibrate"),
+    (["--jit_compile=maybe"], "--jit_compile"),
+    (["--student_start=later"], "--student_start"),
 ]
 
 
@@ -765,3 +768,18 @@ def test_the_joint_classifier_is_eq_6_as_logits(tiny):
         softmax(out), 0.5 * (softmax(za) + softmax(zb)), atol=1e-6
     )
     assert gal.classifier("student") is gal.student
+
+
+def test_a_student_starting_at_the_split_of_an_all_warm_up_run_is_untrained():
+    split = train.TrainConfig(epochs=2, warmup_epochs=2, student_start="split")
+    assert train.reported_network(split) == "twin_a"
+    assert train.label_issue_network(split) == "twin_a"
+    later = dataclasses.replace(split, warmup_epochs=1)
+    assert train.reported_network(later) == "student"
+    assert train.reported_network(dataclasses.replace(split, train_student=False)) == (
+        "twin_a"
+    )
+    problems = train.config_problems(
+        dataclasses.replace(split, label_issue_probabilities="student")
+    )
+    assert any("--student_start=split" in p for p in problems)

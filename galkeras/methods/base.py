@@ -33,6 +33,7 @@ from galkeras.gated_update import (
     record_nonfinite,
 )
 from galkeras.methods.small_loss import ForgetRate, num_remember_tensor
+from galkeras.network_pass import Inference, NetworkPass, resolve_jit_compile
 from galkeras.training_set import TrainingSet
 
 ON_NONFINITE = ("stop", "skip_step")
@@ -60,6 +61,7 @@ class NoisyLabelMethod(keras.Model):
 
     def __init__(self, *networks, on_nonfinite="stop", **kwargs):
         super().__init__(**kwargs)
+        self._infer = Inference(False)  # until `compile` says otherwise
         if len(networks) != len(self.NETWORKS):
             raise ValueError(
                 f"{type(self).__name__} takes {len(self.NETWORKS)} networks "
@@ -160,7 +162,10 @@ class NoisyLabelMethod(keras.Model):
     def compile(self, optimizer="sgd", **kwargs):
         """One optimizer per network: `optimizer` for the first, clones for the
         others (the same hyperparameters and schedule). Other arguments are
-        `keras.Model.compile`'s; the losses are the method's own."""
+        `keras.Model.compile`'s; the losses are the method's own. `jit_compile`
+        (`"auto"`, True, False) compiles the networks' forward and backward
+        pass with XLA under every strategy (`galkeras.network_pass`), and the
+        whole step where Keras can; `"auto"` is XLA on a GPU only."""
         for arg in ("loss", "metrics", "weighted_metrics", "loss_weights"):
             if kwargs.get(arg) is not None:
                 raise ValueError(
@@ -168,7 +173,14 @@ class NoisyLabelMethod(keras.Model):
                     "method's losses are fixed."
                 )
         optimizer = keras.optimizers.get(optimizer)
-        super().compile(optimizer=optimizer, **kwargs)
+        whole_step, jit_passes = resolve_jit_compile(
+            kwargs.get("jit_compile", "auto"), self._distribute_strategy
+        )
+        super().compile(optimizer=optimizer, **{**kwargs, "jit_compile": whole_step})
+        self._pass = NetworkPass(
+            self.networks, self._pass_losses, jit_passes, name="network_pass"
+        )
+        self._infer = Inference(jit_passes)
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # The method scales its losses itself (one scale for all networks).
             self.optimizer = self.optimizer.inner_optimizer
@@ -177,6 +189,23 @@ class NoisyLabelMethod(keras.Model):
             for _ in self.NETWORKS[1:]
         ]
         self._updates = None
+
+    def check_xla(self, image_shape, batch_size=2):
+        """Raises ValueError, naming the networks, when `jit_compile` asks for
+        XLA and XLA cannot compile their pass (nothing runs)."""
+        images = tf.zeros([batch_size, *image_shape], tf.float32)
+        labels = tf.zeros([batch_size], tf.int64)
+        self._pass.check_compiles(
+            {"labels": labels, "ids": labels, "epoch": tf.zeros([], tf.int64)},
+            {name: images for name in self.networks},
+        )
+
+    def _pass_losses(self, logits, inputs):
+        """`network_losses` as a `NetworkPass` loss."""
+        losses, update, values = self.network_losses(
+            logits, inputs["labels"], inputs["ids"], inputs["epoch"]
+        )
+        return losses, (update, values)
 
     def get_compile_config(self):
         return {"optimizer": keras.saving.serialize_keras_object(self.optimizer)}
@@ -228,25 +257,14 @@ class NoisyLabelMethod(keras.Model):
             for net in networks.values()
             for v in net.non_trainable_variables
         ]
-        with tf.GradientTape(persistent=len(networks) > 1) as tape:
-            logits = {
-                name: tf.cast(net(images, training=True), tf.float32)
-                for name, net in networks.items()
-            }
-            losses, update, values = self.network_losses(logits, labels, ids, epoch)
-            # The optimizer sums gradients over replicas, so each replica
-            # contributes its mean divided by the replica count.
-            scaled = {
-                name: self.loss_scale.scale(losses[name] / replicas)
-                for name in networks
-            }
-        grads = {
-            name: self.loss_scale.unscale(
-                tape.gradient(scaled[name], net.trainable_variables)
-            )
-            for name, net in networks.items()
-        }
-        del tape
+        # The optimizer sums gradients over replicas, so each replica
+        # contributes its mean divided by the replica count.
+        losses, (update, values), grads, _ = self._pass(
+            {"labels": labels, "ids": ids, "epoch": epoch},
+            {name: images for name in networks},
+            self.loss_scale.scale(1.0 / replicas),
+        )
+        grads = {name: self.loss_scale.unscale(g) for name, g in grads.items()}
         faults = {
             name: self.loss_scale.fault_free(losses[name], grads[name])
             for name in networks
@@ -283,7 +301,7 @@ class NoisyLabelMethod(keras.Model):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(images, tf.float32)
         probabilities = {
-            name: tf.nn.softmax(tf.cast(net(images, training=False), tf.float32))
+            name: tf.nn.softmax(self._infer(net, images))
             for name, net in self.networks.items()
         }
         if len(probabilities) > 1:
@@ -304,8 +322,8 @@ class NoisyLabelMethod(keras.Model):
     def predict_step(self, data):
         """The reported network's class probabilities."""
         images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        logits = self(tf.cast(images, tf.float32), training=False)
-        return tf.nn.softmax(tf.cast(logits, tf.float32))
+        reported = self.networks[self.REPORTED]
+        return tf.nn.softmax(self._infer(reported, tf.cast(images, tf.float32)))
 
     def classifier(self, network=None):
         """The network `network` names (default: the reported one) as a logits
