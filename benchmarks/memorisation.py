@@ -123,8 +123,8 @@ REGIMES = {
 
 QUICK_REGIMES = {
     "quick": Regime(
-        num_train=300,
-        num_test=200,
+        num_train=200,
+        num_test=100,
         pool=2,
         backbone_width=8,
         hidden_units=0,
