@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import os
 import sys
+import weakref
 
 import numpy as np
 
@@ -43,11 +44,19 @@ FILE_NAME = "label_issues.csv"
 CLEAN_LABELS_FILE = "labels.csv"
 
 
+_PREDICT_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
 def network_probabilities(method, network, images, batch_size=256):
     """float32 `[N, K]` class probabilities of `method.classifier(network)` on
     `images` (uint8 `[N, H, W, C]` or `ImageFiles`), un-augmented, in inference
     mode, spread over the method's strategy."""
-    return _network_outputs(method, [network], images, batch_size, softmax=True)[0]
+    # From the logits pass, which the calibration pass shares (one trace).
+    logits = network_logits(method, [network], images, batch_size)[network]
+    if logits is None:
+        return None
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def network_logits(method, networks, images, batch_size=256):
@@ -55,28 +64,37 @@ def network_logits(method, networks, images, batch_size=256):
     `networks` on `images`, in one pass, as `network_probabilities` runs them
     (`joint`: `log p_joint`)."""
     networks = list(networks)
-    outputs = _network_outputs(method, networks, images, batch_size, softmax=False)
+    outputs = _network_outputs(method, networks, images, batch_size)
     return dict(zip(networks, outputs))
 
 
-def _network_outputs(method, networks, images, batch_size, softmax):
+def _network_outputs(method, networks, images, batch_size):
     import tensorflow as tf
 
     from galkeras import sampling
     from galkeras.teacher import predict_over
 
-    models = [method.classifier(name) for name in networks]
+    # One function per method and networks, kept with the method: the
+    # label-issue and calibration passes of a run share their traces.
+    functions = _PREDICT_FUNCTIONS.setdefault(method, {})
+    key = tuple(networks)
+    if key not in functions:
+        models = [method.classifier(name) for name in networks]
 
-    # A shape-relaxed trace, not an input signature: under a multi-worker
-    # strategy an input signature refuses the replicas' values.
-    @tf.function(reduce_retracing=True)
-    def predict(batch):
-        outputs = []
-        for model in models:
-            logits = tf.cast(model(batch["image"], training=False), tf.float32)
-            outputs.append(tf.nn.softmax(logits) if softmax else logits)
-        # Batch-major: the replicas' results are joined along the first axis.
-        return batch["id"], tf.stack(outputs, axis=1)
+        # A shape-relaxed trace, not an input signature: under a multi-worker
+        # strategy an input signature refuses the replicas' values.
+        @tf.function(reduce_retracing=True)
+        def predict(batch):
+            outputs = []
+            for model in models:
+                outputs.append(
+                    tf.cast(model(batch["image"], training=False), tf.float32)
+                )
+            # Batch-major: the replicas' results are joined along the first axis.
+            return batch["id"], tf.stack(outputs, axis=1)
+
+        functions[key] = predict
+    predict = functions[key]
 
     stacked = None
     dataset = sampling.inference_dataset(images, batch_size)
@@ -85,8 +103,8 @@ def _network_outputs(method, networks, images, batch_size, softmax):
             stacked = np.zeros((len(images), *batch.shape[1:]), np.float32)
         stacked[ids] = batch
     if stacked is None:
-        return [None] * len(models)
-    return [stacked[:, i] for i in range(len(models))]
+        return [None] * len(networks)
+    return [stacked[:, i] for i in range(len(networks))]
 
 
 def label_quality(probabilities, labels, score="self_confidence"):
