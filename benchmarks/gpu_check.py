@@ -42,13 +42,8 @@ from absl import app, logging  # noqa: E402
 from galkeras import train  # noqa: E402
 
 FLAGS = perf.FLAGS
-# The step contenders: `GAL` options of each, all with XLA.
-CONTENDERS = {
-    "ce": dict(warmup_epochs=1, train_student=False),
-    "gal_warmup": dict(warmup_epochs=1, train_student=True),
-    "twins": dict(warmup_epochs=0, train_student=False),
-    "gal": dict(warmup_epochs=0, train_student=True),
-}
+# The step contenders, each the performance benchmark's `<name>_xla`.
+CONTENDERS = ("ce", "gal_warmup", "twins", "gal")
 DTYPES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
@@ -73,8 +68,8 @@ def settings():
         steps=20,
         rounds=3,
         run_images=5000,
-        contenders=tuple(CONTENDERS),
-        bfloat16_contenders=tuple(CONTENDERS),
+        contenders=CONTENDERS,
+        bfloat16_contenders=CONTENDERS,
     )
 
 
@@ -91,38 +86,26 @@ def memory_in_use():
 
 def step_times(s, dtype):
     """Part 1 and 2 for one dtype."""
+    policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(DTYPES[dtype])
     try:
         bench = perf.Bench(s["backbone"], s["batch_size"], s["images"])
-        contenders, first_call, memory = {}, {}, {}
+        contenders, memory = {}, {}
         names = s["bfloat16_contenders" if dtype == "bfloat16" else "contenders"]
         for name in names:
-            options = CONTENDERS[name]
             before = memory_in_use()
             if before is not None:
                 tf.config.experimental.reset_memory_stats(gpu())
-            model = perf.build_gal(bench.backbone, jit_compile=True, **options)
-            model._build_optimizers()
-            model.enter_epoch(0)
-            if model.train_student:
-                model.refresh_pseudo_labels(bench.training_set)
-            model.make_train_function(force=True)
-            iterator = iter(bench.stream)
-
-            def step(model=model, iterator=iterator):
-                perf.wait(model.train_function(iterator))
-
-            start = time.perf_counter()
-            step()  # traces and compiles
-            first_call[name] = time.perf_counter() - start
+            # Builds the model and runs its first step (trace, XLA compile).
+            contenders[name] = (bench.stepper(f"{name}_xla"), s["steps"])
             after = memory_in_use()
             memory[name] = (
                 None if after is None else int(after["peak"] - before["current"])
             )
-            contenders[name] = (step, s["steps"])
+        first_call = {name: bench.trace_seconds[f"{name}_xla"] for name in names}
         times = perf.side_by_side(contenders, s["rounds"], warmup=1)
     finally:
-        keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy(policy)
     seconds = {name: perf.median(t) for name, t in times.items()}
     return {
         "seconds": seconds,

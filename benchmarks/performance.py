@@ -171,6 +171,14 @@ GAL_OPTIONS = {
     ),
     "gal_xla": dict(warmup_epochs=0, train_student=True, jit_compile=True),
 }
+# The rest of the step contenders with XLA (the whole step and each pass), for
+# benchmarks/gpu_check.py.
+GAL_OPTIONS.update(
+    {
+        f"{name}_xla": {**GAL_OPTIONS[name], "jit_compile": True}
+        for name in ("ce", "gal_warmup", "twins")
+    }
+)
 MEMORY_CONTENDERS = ("ce_keras", "ce", "twins", "gal")
 TARGETS = {
     "twins_over_ce": 2.05,

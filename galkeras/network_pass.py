@@ -59,14 +59,9 @@ class NetworkPass:
         return losses, extras, grads, new_state, logits
 
     def _arguments(self, inputs, images, scale):
-        trainable = {
-            name: [v.value for v in net.trainable_variables]
-            for name, net in self.networks.items()
-        }
-        non_trainable = {
-            name: [v.value for v in net.non_trainable_variables]
-            for name, net in self.networks.items()
-        }
+        values = {name: _weight_values(net) for name, net in self.networks.items()}
+        trainable = {name: v[0] for name, v in values.items()}
+        non_trainable = {name: v[1] for name, v in values.items()}
         images = {name: images[name] for name in self.networks}
         return trainable, non_trainable, inputs, images, tf.cast(scale, tf.float32)
 
@@ -143,11 +138,16 @@ class Inference:
             self._functions[key] = tf.function(
                 pure, jit_compile=True, reduce_retracing=True
             )
-        return self._functions[key](
-            [v.value for v in network.trainable_variables],
-            [v.value for v in network.non_trainable_variables],
-            images,
-        )
+        return self._functions[key](*_weight_values(network), images)
+
+
+def _weight_values(network):
+    """`(trainable, non_trainable)`: `network`'s weights as tensors, in the
+    order `stateless_call` takes them."""
+    return (
+        [v.value for v in network.trainable_variables],
+        [v.value for v in network.non_trainable_variables],
+    )
 
 
 def resolve_jit_compile(jit_compile, strategy):
