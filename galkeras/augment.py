@@ -88,7 +88,11 @@ class RandomResizedCrop(keras.layers.Layer):
 
 
 class Augment:
-    """A seeded augmentation: `augment(images, seed)` on a float32 batch.
+    """A seeded augmentation: `augment(images, seed)` on an image batch.
+
+    A uint8 batch comes back uint8 from `crop` and `crop_flip` (they only move
+    pixels) and float32 from `resized_crop_flip` (bilinear values); any other
+    batch comes back float32.
 
     `seed` is a stateless seed (int `[2]`); the same images and seed always give
     the same output, whichever `tf.data` thread runs it. `paired_dataset`
@@ -108,6 +112,7 @@ class Augment:
     """
 
     takes_seed = True
+    takes_uint8 = True
 
     def __init__(self, kind, image_shape):
         if kind not in AUGMENTATIONS or kind == "none":
@@ -128,6 +133,8 @@ class Augment:
         self.resized_crop = RandomResizedCrop()
 
     def __call__(self, images, seed):
+        stored = images.dtype
+        images = tf.cast(images, tf.float32)
         seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=3)
         batch = tf.shape(images)[0]
         if self.kind == "resized_crop_flip":
@@ -149,6 +156,10 @@ class Augment:
             images = self.flip.transform_images(
                 images, {"flips": flips, "input_shape": tf.shape(images)}, training=True
             )
+        if stored == tf.uint8 and self.kind != "resized_crop_flip":
+            # Whole-pixel shifts, zero fill and flips only move pixels: back to
+            # uint8 exactly, a quarter of the bytes to the device.
+            return tf.cast(images, tf.uint8)
         return images
 
 

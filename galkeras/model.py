@@ -818,7 +818,7 @@ class GAL(keras.Model):
         statistics (`teacher.pseudo_label_statistics`): the coverage (share with
         `max p_joint > epsilon`), the joint prediction's agreement with the
         annotated labels, and, when clean labels are known, the pseudo-labels'
-        precision and clean accuracy.
+        precision and clean accuracy, and returns them.
         """
         if not hasattr(self, "_joint_fn"):
             self._joint_fn = tf.function(
@@ -892,6 +892,7 @@ class GAL(keras.Model):
             training_set.labels,
             start_step=driver.start_step,
             augment=training_set.augment,
+            device=sampling.input_device(self._distribute_strategy),
         )
         self.sampler = sampler
         self.enter_epoch(initial_epoch)

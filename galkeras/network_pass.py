@@ -48,8 +48,12 @@ class NetworkPass:
             tape.watch(trainable)
             logits, new_state = {}, {}
             for name in names:
+                # uint8 batches are cast here, on the device (inside XLA).
                 outputs, new_state[name] = self.networks[name].stateless_call(
-                    trainable[name], non_trainable[name], images[name], training=True
+                    trainable[name],
+                    non_trainable[name],
+                    tf.cast(images[name], tf.float32),
+                    training=True,
                 )
                 logits[name] = tf.cast(outputs, tf.float32)
             losses, extras = self.loss_fn(logits, inputs)
@@ -125,13 +129,17 @@ class Inference:
 
     def __call__(self, network, images):
         if not self.jit_compile:
+            images = tf.cast(images, tf.float32)
             return tf.cast(network(images, training=False), tf.float32)
         key = id(network)
         if key not in self._functions:
 
             def pure(trainable, non_trainable, images):
                 outputs, _ = network.stateless_call(
-                    trainable, non_trainable, images, training=False
+                    trainable,
+                    non_trainable,
+                    tf.cast(images, tf.float32),
+                    training=False,
                 )
                 return tf.cast(outputs, tf.float32)
 

@@ -27,6 +27,9 @@ _MATCH_ID = 0x3A7C4
 # Pass permutations kept per sampler; parallel map threads straddle at most a
 # pass boundary, in up to two streams.
 _CACHED_PASSES = 6
+# CDAS pairs kept per sampler: the map threads run a few steps ahead, in any
+# order, and each pair serves two neighbouring steps.
+_CACHED_PAIRS = 32
 
 
 class CDASSampler:
@@ -138,6 +141,8 @@ class CDASSampler:
         self._passes_lock = threading.Lock()
         self._fallback_count = 0
         self._fallback_lock = threading.Lock()
+        self._pairs = collections.OrderedDict()
+        self._pairs_lock = threading.Lock()
 
     @property
     def fallback_count(self):
@@ -219,9 +224,20 @@ class CDASSampler:
         return np.concatenate([outside, refill])
 
     def _free_and_matched(self, free_number):
-        free = self.free_batch(free_number)
-        rng = np.random.default_rng([self.seed, free_number, _MATCH_ID])
-        return free, self.matched_batch(free, rng)
+        """The pair (F, M) of free batch `free_number`, drawn once for the two
+        CDAS steps that share it (and counted once in `fallback_count`)."""
+        with self._pairs_lock:
+            if free_number not in self._pairs:
+                free = self.free_batch(free_number)
+                rng = np.random.default_rng([self.seed, free_number, _MATCH_ID])
+                pair = (free, self.matched_batch(free, rng))
+                for indices in pair:
+                    indices.flags.writeable = False
+                self._pairs[free_number] = pair
+                while len(self._pairs) > _CACHED_PAIRS:
+                    self._pairs.popitem(last=False)
+            self._pairs.move_to_end(free_number)
+            return self._pairs[free_number]
 
     def plan(self, step):
         """Indices θA and θB train on at global step `step`.
@@ -272,7 +288,7 @@ def make_pair_loader(sampler, images, labels):
         labels: int array `[N]`, the annotated labels.
 
     Returns:
-        `load(step) -> dict` with `image_a` (float32 `[bs, H, W, C]`, 0–255),
+        `load(step) -> dict` with `image_a` (uint8 `[bs, H, W, C]`),
         `label_a` (int32 `[bs]`), `id_a` (int64 `[bs]`) and the same for `_b`.
     """
     source = _ImageSource(images)
@@ -322,8 +338,10 @@ class _ImageSource:
     """Random access to training images, in memory or as `ImageFiles`.
 
     `gather(ids)` runs in NumPy (inside a `tf.numpy_function`) and returns the
-    pixels or the paths; `to_images` turns its output into float32 images in
-    the graph, decoding files there so decoding runs in parallel outside the GIL.
+    pixels or the paths; `to_images` turns its output into uint8 images in the
+    graph, decoding files there so decoding runs in parallel outside the GIL.
+    Images stay uint8 up to the train step, which casts them on its device: a
+    quarter of float32's bytes cross from the host.
     """
 
     def __init__(self, images):
@@ -351,8 +369,7 @@ class _ImageSource:
     def to_images(self, gathered, batch_size):
         if self.files is not None:
             gathered = self.files.decode_paths(tf.ensure_shape(gathered, (batch_size,)))
-        images = tf.ensure_shape(gathered, (batch_size, *self.image_shape))
-        return tf.cast(images, tf.float32)
+        return tf.ensure_shape(gathered, (batch_size, *self.image_shape))
 
 
 def paired_dataset(
@@ -363,6 +380,7 @@ def paired_dataset(
     start_step,
     augment=None,
     num_parallel_calls=tf.data.AUTOTUNE,
+    device=None,
 ):
     """An endless `tf.data.Dataset` of twin batches, one element per step.
 
@@ -373,19 +391,25 @@ def paired_dataset(
         start_step: int, or a zero-argument callable returning one. The
             callable is called each time an iterator is created, so a training
             loop can choose where the stream resumes.
-        augment: optional function on a float32 image batch, applied to
-            `image_a` and `image_b` separately. A `galkeras.augment.Augment`
+        augment: optional function on an image batch, applied to `image_a`
+            and `image_b` separately: on the uint8 batch when it has
+            `takes_uint8 = True` (`galkeras.augment.Augment`), else on the
+            batch as float32 in the 0-255 scale. A `galkeras.augment.Augment`
             (or any callable with `takes_seed = True`) is called as
             `augment(images, seed)` with a stateless seed made of the
             sampler's seed, the step and the twin, so augmentation is
             reproducible; any other callable as `augment(images)`.
         num_parallel_calls: parallelism of the load and augment maps.
+        device: None, or the device (`input_device`) the batches are prefetched
+            to, so that a step's copy from the host overlaps the step before.
 
     Returns:
         A dataset of dicts `{"image_a", "label_a", "id_a", "image_b",
-        "label_b", "id_b"}`, see `make_pair_loader`. Images are float32 on a
-        0–255 scale; the model normalises them. Every component is batched, so
-        `tf.distribute` can split it across replicas.
+        "label_b", "id_b"}`, see `make_pair_loader`. Images are uint8 (float32
+        on the 0–255 scale after an augmentation that interpolates); the train
+        step casts them on its device and the model normalises them. Every
+        component is batched, so `tf.distribute` can split it across replicas.
+        With `device`, batches are prefetched to that device.
     """
     if not callable(start_step) and start_step < 0:
         raise ValueError(f"`start_step` must be >= 0, got {start_step}.")
@@ -406,6 +430,8 @@ def paired_dataset(
     seeded = getattr(augment, "takes_seed", False)
 
     def augment_images(images, step, twin):
+        if not getattr(augment, "takes_uint8", False):
+            images = tf.cast(images, tf.float32)  # what other callables expect
         if not seeded:
             return augment(images)
         # A stateless seed per (run, step, twin): reproducible in any thread.
@@ -429,28 +455,53 @@ def paired_dataset(
         load_and_augment, num_parallel_calls=num_parallel_calls, deterministic=True
     )
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    return dataset.with_options(_data_sharded_options())
+    dataset = dataset.with_options(_data_sharded_options())
+    if device is not None:
+        # Must be the last transformation.
+        dataset = dataset.apply(tf.data.experimental.prefetch_to_device(device, 2))
+    return dataset
 
 
-def inference_dataset(images, batch_size):
+def input_device(strategy):
+    """Where a training stream is prefetched: the first GPU when no
+    `tf.distribute` strategy places the batches (a strategy's distributed
+    dataset fetches to its replicas' devices itself), else None (the host).
+
+    Args:
+        strategy: the model's `tf.distribute.Strategy`, or None for none.
+    """
+    if strategy is not None:
+        return None
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else None
+
+
+def inference_dataset(images, batch_size, pad_last=False):
     """All N images in order, un-augmented, for the pseudo-label refresh.
 
     Args:
         images: uint8 array `[N, H, W, C]` in memory, or `galkeras.ImageFiles`.
         batch_size: int, images per batch; the last, partial batch is kept.
+        pad_last: whether the last batch is padded to `batch_size` rows (copies
+            of the first image, with id -1), so that every batch has one static
+            shape.
 
     Returns:
-        A dataset of dicts `{"image": float32 [b, H, W, C], "id": int64 [b]}`.
+        A dataset of dicts `{"image": uint8 [b, H, W, C], "id": int64 [b]}`.
     """
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     source = _ImageSource(images)
 
     def load(ids):
+        if pad_last:
+            ids = tf.pad(ids, [[0, batch_size - tf.size(ids)]], constant_values=-1)
+            ids = tf.ensure_shape(ids, (batch_size,))
         gathered = tf.numpy_function(
-            source.gather, [ids], source.gathered_dtype, stateful=False
+            source.gather, [tf.maximum(ids, 0)], source.gathered_dtype, stateful=False
         )
-        return {"image": source.to_images(gathered, None), "id": ids}
+        rows = batch_size if pad_last else None
+        return {"image": source.to_images(gathered, rows), "id": ids}
 
     dataset = tf.data.Dataset.range(len(source)).batch(batch_size)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -467,7 +518,7 @@ def evaluation_dataset(images, labels, batch_size):
         batch_size: int, images per batch; the last, partial batch is kept.
 
     Returns:
-        A dataset of `(float32 [b, H, W, C], int64 [b])` tuples.
+        A dataset of `(uint8 [b, H, W, C], int64 [b])` tuples.
     """
     labels = np.asarray(labels, np.int64)
     if len(labels) != len(images):

@@ -3,11 +3,11 @@
 GAL's student learns from `p_joint` (Eq. 6), computed once per epoch in
 inference mode on the un-augmented training images and looked up by sample id
 at every student step (§3.3). `PseudoLabelTable` holds that table and its
-statistics; `predict_over` is the batched, replica-spread inference pass that
-fills it.
+statistics, and refreshes it in one compiled pass that writes each batch's rows
+where the table lives; `predict_over` is the batched, replica-spread inference
+pass that the label-issue and logging passes read on the host.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from galkeras import sampling
@@ -23,27 +23,50 @@ STATISTICS = (
 
 
 def pseudo_label_statistics(probabilities, labels, clean_labels, epsilon):
-    """Coverage and precision of the pseudo-labels.
+    """Coverage and precision of the pseudo-labels, computed where the table is.
 
-    Returns a dict of fractions in [0, 1]: `pseudo_label_coverage` (share with
-    `max p_joint > epsilon`), `train_label_agreement` (argmax p_joint equals the
-    annotated label: how far the twins fit the noisy labels), and with clean labels
-    `pseudo_label_precision` (confident pseudo-labels equal to the clean label) and
-    `train_clean_accuracy`.
+    Args:
+        probabilities: float `[N, K]`, the table of `p_joint`.
+        labels: int `[N]`, the annotated labels.
+        clean_labels: int `[N]`, or None when they are unknown.
+        epsilon: ε, the confidence threshold of a pseudo-label (Eq. 9).
+
+    Returns:
+        A float32 vector ordered as `STATISTICS`, fractions in [0, 1]:
+        `pseudo_label_coverage` (share with `max p_joint > epsilon`),
+        `train_label_agreement` (argmax p_joint equals the annotated label: how
+        far the twins fit the noisy labels), `pseudo_label_precision`
+        (confident pseudo-labels equal to the clean label; NaN when none is
+        confident) and `train_clean_accuracy`; the last two NaN without clean
+        labels.
     """
-    predicted = probabilities.argmax(axis=1)
-    confident = probabilities.max(axis=1) > epsilon
-    stats = {
-        "pseudo_label_coverage": float(confident.mean()),
-        "train_label_agreement": float((predicted == labels).mean()),
-    }
-    if clean_labels is not None:
-        correct = predicted == clean_labels
-        stats["pseudo_label_precision"] = (
-            float(correct[confident].mean()) if confident.any() else float("nan")
-        )
-        stats["train_clean_accuracy"] = float(correct.mean())
-    return stats
+    predicted = tf.argmax(probabilities, axis=1, output_type=tf.int64)
+    confident = tf.reduce_max(probabilities, axis=1) > epsilon
+
+    def share(mask):
+        return tf.reduce_mean(tf.cast(mask, tf.float32))
+
+    nan = tf.constant(float("nan"), tf.float32)
+    values = [share(confident), share(predicted == tf.cast(labels, tf.int64))]
+    if clean_labels is None:
+        return tf.stack(values + [nan, nan])
+    correct = predicted == tf.cast(clean_labels, tf.int64)
+    confident_count = tf.reduce_sum(tf.cast(confident, tf.float32))
+    precision = tf.reduce_sum(tf.cast(correct & confident, tf.float32)) / tf.maximum(
+        confident_count, 1.0
+    )
+    return tf.stack(
+        values + [tf.where(confident_count > 0, precision, nan), share(correct)]
+    )
+
+
+def replica_rows(strategy, values):
+    """A per-replica result of `strategy.run` as one tensor of every replica's
+    rows, in cross-replica context; across workers it is gathered with a
+    collective, so that every worker gets every row."""
+    if strategy.extended._in_multi_worker_mode():
+        return strategy.gather(values, axis=0)
+    return tf.concat(strategy.experimental_local_results(values), axis=0)
 
 
 def predict_over(strategy, fn, dataset):
@@ -62,26 +85,15 @@ def predict_over(strategy, fn, dataset):
             ids, outputs = fn(batch)
             yield ids.numpy(), outputs.numpy()
         return
-    # One host holds all its replicas' results; across hosts they are gathered
-    # with a collective so that every worker gets every row.
-    multi_worker = strategy.extended._in_multi_worker_mode()
 
     @tf.function
     def distributed(batch):
         results = strategy.run(fn, args=(batch,))
-        if multi_worker:
-            return tuple(strategy.gather(r, axis=0) for r in results)
-        return results
+        return tuple(replica_rows(strategy, r) for r in results)
 
     for batch in strategy.experimental_distribute_dataset(dataset):
         ids, outputs = distributed(batch)
-        if multi_worker:
-            yield ids.numpy(), outputs.numpy()
-            continue
-        yield tuple(
-            np.concatenate([t.numpy() for t in strategy.experimental_local_results(r)])
-            for r in (ids, outputs)
-        )
+        yield ids.numpy(), outputs.numpy()
 
 
 class PseudoLabelTable:
@@ -109,6 +121,8 @@ class PseudoLabelTable:
                 )
                 for key in STATISTICS
             }
+        self._fill_functions = {}
+        self._stat_functions = {}
 
     def ensure(self, num_examples, num_classes):
         """The table (zeros) made if absent or of another shape, so that a
@@ -128,28 +142,91 @@ class PseudoLabelTable:
     def refresh(self, joint_fn, training_set, batch_size=None):
         """Recomputes the table with `joint_fn` (a `tf.function` of
         `{"image", "id"}` batches to `(ids, p_joint)`) over the un-augmented
-        training images, and its statistics. Returns the NumPy table."""
-        batch_size = batch_size or max(training_set.batch_size, 256)
-        probs = np.zeros(
-            (training_set.num_examples, training_set.num_classes), np.float32
-        )
-        dataset = sampling.inference_dataset(training_set.images, batch_size)
-        for ids, batch_probs in predict_over(self.strategy, joint_fn, dataset):
-            probs[ids] = batch_probs
-        self.ensure(*probs.shape).assign(probs)
-        self.record_statistics(training_set, probs)
-        return probs
+        training images, and its statistics.
 
-    def record_statistics(self, training_set, probs=None):
-        """Sets the statistics from `probs` (default: the current table)."""
-        if probs is None:
-            probs = self.table.numpy()
-        self.statistics = pseudo_label_statistics(
-            probs, training_set.labels, training_set.clean_labels, self.epsilon
+        Each batch is spread over the replicas by one `tf.function`, which
+        writes its rows into the table where it lives: nothing returns to the
+        host but the statistics. Batches
+        hold `refresh_batch_size(training_set.batch_size)` images by default;
+        the last is padded to the same shape (one traced shape per function,
+        one XLA program) and its padding is not written.
+
+        Returns:
+            The statistics, as `statistics`.
+        """
+        batch_size = min(
+            batch_size or refresh_batch_size(training_set.batch_size),
+            training_set.num_examples,
         )
-        for key, value in self.statistics.items():
-            self._statistics[key].assign(value)
+        table = self.ensure(training_set.num_examples, training_set.num_classes)
+        dataset = sampling.inference_dataset(
+            training_set.images, batch_size, pad_last=True
+        )
+        if self.strategy.num_replicas_in_sync > 1:
+            dataset = self.strategy.experimental_distribute_dataset(dataset)
+        key = (id(table), id(joint_fn))
+        if key not in self._fill_functions:
+            self._fill_functions = {key: self._fill_function(table, joint_fn)}
+        fill = self._fill_functions[key]
+        for batch in dataset:
+            fill(batch)
+        return self.record_statistics(training_set)
+
+    def _fill_function(self, table, joint_fn):
+        strategy = self.strategy
+
+        # One call per batch, driven from Python: a loop over the dataset
+        # inside the function runs as tf.data's reduce, whose body measured
+        # twice as slow on 2 CPU cores.
+        @tf.function
+        def fill(batch):
+            ids, probs = strategy.run(joint_fn, args=(batch,))
+            ids = replica_rows(strategy, ids)
+            probs = replica_rows(strategy, probs)
+            real = ids >= 0  # the padding of the last batch has id -1
+            table.scatter_update(
+                tf.IndexedSlices(
+                    tf.boolean_mask(probs, real), tf.boolean_mask(ids, real)
+                )
+            )
+
+        return fill
+
+    def record_statistics(self, training_set):
+        """Sets the statistics from the current table, on the device that holds
+        it: one host transfer for all of them. Returns them (`statistics`)."""
+        clean = training_set.clean_labels
+        values = self._statistics_function(clean is not None)(
+            self.table,
+            tf.constant(training_set.labels, tf.int64),
+            tf.constant(clean if clean is not None else [], tf.int64),
+        ).numpy()
+        known = STATISTICS if clean is not None else STATISTICS[:2]
+        self.statistics = {key: float(values[i]) for i, key in enumerate(known)}
+        return self.statistics
+
+    def _statistics_function(self, with_clean):
+        if with_clean not in self._stat_functions:
+
+            @tf.function
+            def statistics(table, labels, clean_labels):
+                values = pseudo_label_statistics(
+                    table, labels, clean_labels if with_clean else None, self.epsilon
+                )
+                for i, key in enumerate(STATISTICS):
+                    self._statistics[key].assign(values[i])
+                return values
+
+            self._stat_functions[with_clean] = statistics
+        return self._stat_functions[with_clean]
 
     def logs(self):
         """The statistics the run records, as tensors (those known to it)."""
         return {key: self._statistics[key].value() for key in self.statistics}
+
+
+def refresh_batch_size(batch_size):
+    """The refresh's default batch: four training batches, at least 512.
+    Inference keeps no activations for a backward pass, so a batch this size
+    needs less memory than a training step, and large batches run faster."""
+    return max(4 * int(batch_size), 512)

@@ -93,3 +93,15 @@ def test_paired_dataset_augmentation_is_reproducible_under_parallel_map():
     raw = [images[sampler.plan(s)[0]].astype(np.float32) for s in range(8)]
     diffs = [first[s] - raw[s] for s in range(8)]
     assert all(not np.array_equal(diffs[s], diffs[s + 1]) for s in range(7))
+
+
+@pytest.mark.parametrize("kind", ["crop", "crop_flip", "resized_crop_flip"])
+def test_uint8_batches_augment_as_their_float32_values(kind):
+    pixels = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), np.uint8)
+    augment = make_augment(kind, (32, 32, 3))
+    seed = tf.constant([5, 6])
+    got = augment(tf.constant(pixels), seed)
+    expected = augment(tf.constant(pixels, tf.float32), seed).numpy()
+    # Moving pixels keeps uint8 (exactly); interpolating gives float32.
+    assert got.dtype == (tf.float32 if kind == "resized_crop_flip" else tf.uint8)
+    np.testing.assert_array_equal(got.numpy().astype(np.float32), expected)

@@ -50,6 +50,19 @@ def test_pass_gives_the_loss_gradients_and_batchnorm_state_of_a_plain_tape(
     )
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_uint8_batches_are_cast_in_the_pass(jit_compile):
+    images, labels = tiny_data(n=12)  # uint8, as the pipelines deliver them
+    outputs = []
+    for batch in (tf.constant(images), tf.constant(images, tf.float32)):
+        net = tiny_net("net")
+        network_pass = NetworkPass({"net": net}, _mean_ce, jit_compile)
+        losses, _, grads, _ = network_pass({"labels": labels}, {"net": batch})
+        outputs.append([losses["net"].numpy()] + [g.numpy() for g in grads["net"]])
+    for got, want in zip(*outputs):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_jit_compile_auto_is_xla_on_a_gpu_and_the_whole_step_only_without_strategy():
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     assert resolve_jit_compile("auto", None) == (on_gpu, on_gpu)

@@ -287,7 +287,7 @@ def assert_element_matches_plan(element, sampler, images, labels, step, offset=0
 def test_paired_dataset_element_spec_is_fully_static(pair_data):
     sampler, images, labels = pair_data
     dataset = paired_dataset(sampler, images, labels, start_step=0)
-    image_spec = tf.TensorSpec((8, 8, 8, 3), tf.float32)
+    image_spec = tf.TensorSpec((8, 8, 8, 3), tf.uint8)  # cast in the step
     assert dataset.element_spec == {
         "image_a": image_spec,
         "label_a": tf.TensorSpec((8,), tf.int32),
@@ -348,8 +348,48 @@ def test_inference_dataset_walks_all_images_in_order():
     ids = np.concatenate([batch["id"] for batch in batches])
     np.testing.assert_array_equal(ids, np.arange(42))
     pixels = np.concatenate([batch["image"] for batch in batches])
-    assert pixels.dtype == np.float32
-    np.testing.assert_array_equal(pixels, images.astype(np.float32))
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, images)
+
+
+def test_padded_inference_dataset_has_one_shape_and_marks_its_padding():
+    images = tiny_images(42)
+    batches = list(inference_dataset(images, batch_size=8, pad_last=True))
+    assert {batch["image"].shape[0] for batch in batches} == {8}
+    ids = np.concatenate([batch["id"] for batch in batches])
+    np.testing.assert_array_equal(ids, list(range(42)) + [-1] * 6)
+    np.testing.assert_array_equal(batches[-1]["image"][:2], images[40:])
+
+
+def test_each_cdas_pair_is_drawn_once_for_its_two_steps(monkeypatch):
+    labels = balanced_labels(48)
+    sampler = CDASSampler(labels, batch_size=8, seed=4, warmup_steps=2)
+    fresh = CDASSampler(labels, batch_size=8, seed=4, warmup_steps=2)
+    draws = []
+    real = CDASSampler.matched_batch
+
+    def counted(self, free_idx, rng):
+        draws.append(self)
+        return real(self, free_idx, rng)
+
+    monkeypatch.setattr(CDASSampler, "matched_batch", counted)
+    steps = list(range(2, 10))  # two four-step cycles after the warm-up
+    plans = [sampler.plan(step) for step in steps]
+    assert draws.count(sampler) == 4  # (F, M), (F', M') per cycle
+    # The same plans as a sampler asked in another order (no cache shared).
+    for step, plan in zip(reversed(steps), reversed(plans)):
+        for got, expected in zip(fresh.plan(step), plan):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_prefetch_to_a_device_keeps_the_stream(pair_data):
+    sampler, images, labels = pair_data
+    # No GPU here: the host itself stands for the device.
+    assert sampling.input_device(None) is None
+    assert sampling.input_device(tf.distribute.get_strategy()) is None
+    dataset = paired_dataset(sampler, images, labels, start_step=3, device="/cpu:0")
+    for step, element in zip(range(3, 6), dataset):
+        assert_element_matches_plan(element, sampler, images, labels, step)
 
 
 def test_module_exports_modes():

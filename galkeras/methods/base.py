@@ -408,6 +408,7 @@ class NoisyLabelMethod(keras.Model):
             training_set.labels,
             start_step=lambda: start["step"],
             augment=training_set.augment,
+            device=sampling.input_device(self._distribute_strategy),
         )
         self.sampler = sampler
 
