@@ -20,7 +20,12 @@ from galkeras.gated_update import (  # noqa: F401  (NonFiniteError re-exported)
     NonFiniteStop,
     record_nonfinite,
 )
-from galkeras.methods.base import StopOnNonFinite, fit_from_step, training_set_of
+from galkeras.methods.base import (
+    StopOnNonFinite,
+    fit_from_step,
+    training_set_of,
+    update_test_trackers,
+)
 from galkeras.network_pass import Inference, NetworkPass, resolve_jit_compile
 from galkeras.teacher import PseudoLabelTable
 
@@ -754,23 +759,21 @@ class GAL(keras.Model):
         return keras.Model(images, logits, name="joint")
 
     def test_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        images, labels, weight = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(images, tf.float32)
         p_a, p_b = self._twin_probabilities(images)
         logits_c = self._infer(self.student, images)
-        t = self._test_trackers
-        t["loss"].update_state(
-            keras.ops.mean(
-                keras.losses.sparse_categorical_crossentropy(
-                    labels, logits_c, from_logits=True
-                )
-            )
+        losses = keras.losses.sparse_categorical_crossentropy(
+            labels, logits_c, from_logits=True
         )
-        t["twin_a_accuracy"].update_state(labels, p_a)
-        t["twin_b_accuracy"].update_state(labels, p_b)
-        t["joint_accuracy"].update_state(labels, 0.5 * (p_a + p_b))
-        t["student_accuracy"].update_state(labels, logits_c)
-        return self._logs(t)
+        probabilities = {
+            "twin_a": p_a,
+            "twin_b": p_b,
+            "joint": 0.5 * (p_a + p_b),
+            "student": logits_c,  # the argmax is the same
+        }
+        update_test_trackers(self._test_trackers, losses, labels, probabilities, weight)
+        return self._logs(self._test_trackers)
 
     def predict_step(self, data):
         """θC's class probabilities."""

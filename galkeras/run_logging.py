@@ -138,7 +138,8 @@ class EvaluateTestSplit(keras.callbacks.Callback):
 
     Args:
         gal: the `galkeras.GAL` model being fitted.
-        dataset: `(image, label)` batches, e.g. `sampling.evaluation_dataset`.
+        dataset: `(image, label, weight)` batches, e.g.
+            `sampling.evaluation_dataset`.
         prefix: str, the prefix of the log keys.
     """
 

@@ -510,24 +510,34 @@ def inference_dataset(images, batch_size, pad_last=False):
 
 
 def evaluation_dataset(images, labels, batch_size):
-    """`(image, label)` batches in order, un-augmented, for `validation_data`.
+    """`(image, label, weight)` batches in order, un-augmented, for
+    `validation_data` and `evaluate`.
+
+    Every batch holds `batch_size` rows: the last is padded (copies of the
+    first image) with weight 0, so a compiled test step sees one shape and its
+    metrics, weighted, count each real image once.
 
     Args:
         images: uint8 array `[M, H, W, C]` in memory, or `galkeras.ImageFiles`.
         labels: int array `[M]`.
-        batch_size: int, images per batch; the last, partial batch is kept.
+        batch_size: int, images per batch.
 
     Returns:
-        A dataset of `(uint8 [b, H, W, C], int64 [b])` tuples.
+        A dataset of `(uint8 [b, H, W, C], int64 [b], float32 [b])` tuples.
     """
     labels = np.asarray(labels, np.int64)
     if len(labels) != len(images):
         raise ValueError(
             f"{len(images)} images but {len(labels)} labels; they must match."
         )
-    return inference_dataset(images, batch_size).map(
-        lambda batch: (batch["image"], tf.gather(labels, batch["id"]))
-    )
+    batch_size = min(int(batch_size), len(labels)) or 1
+
+    def with_weights(batch):
+        real = batch["id"] >= 0
+        label = tf.gather(labels, tf.maximum(batch["id"], 0))
+        return batch["image"], label, tf.cast(real, tf.float32)
+
+    return inference_dataset(images, batch_size, pad_last=True).map(with_weights)
 
 
 def _data_sharded_options():

@@ -73,9 +73,15 @@ def test_refresh_and_evaluation_walk_the_files_in_order(files):
     np.testing.assert_array_equal(
         np.concatenate([b["image"] for b in batches]), images.astype(np.float32)
     )
-    pairs = list(evaluation_dataset(image_files, labels, batch_size=20))
-    np.testing.assert_array_equal(np.concatenate([x for x, _ in pairs]), images)
-    np.testing.assert_array_equal(np.concatenate([y for _, y in pairs]), labels)
+    triples = list(evaluation_dataset(image_files, labels, batch_size=20))
+    real = np.concatenate([w for *_, w in triples]) == 1  # the last batch padded
+    assert real.shape == (60,) and real.sum() == 48
+    np.testing.assert_array_equal(
+        np.concatenate([x for x, *_ in triples])[real], images
+    )
+    np.testing.assert_array_equal(
+        np.concatenate([y for _, y, _ in triples])[real], labels
+    )
     with pytest.raises(ValueError, match="must match"):
         evaluation_dataset(image_files, labels[:-1], batch_size=4)
 

@@ -358,3 +358,39 @@ def test_a_dry_run_of_coteaching_plus_reaches_its_disagreement_phase():
     assert (dry.epochs, dry.init_epoch) == (2, 1)
     short = train.dry_run_config(train.TrainConfig(method="jocor", epochs=5))
     assert short.epochs == 2
+
+
+@pytest.mark.parametrize("kind", ["gal", "coteaching"])
+def test_evaluation_counts_each_image_once_despite_the_padded_last_batch(kind):
+    from galkeras import GAL, sampling
+
+    images, labels = tiny_data(n=10)
+    labels[::3] = (labels[::3] + 1) % 3  # some wrong, so accuracies differ
+    if kind == "gal":
+        method = GAL(
+            tiny_net("twin_a"), tiny_net("b", seed=1), tiny_net("c", seed=2), 0
+        )
+        method.twins_split.assign(1)
+        networks = {"twin_a": method.twin_a, "twin_b": method.twin_b}
+        reported = method.student
+        networks["student"] = reported
+    else:
+        method = methods.CoTeaching(tiny_net("a"), tiny_net("b", seed=1), 0.2)
+        networks = dict(method.networks)
+        reported = method.classifier()
+    _compiled(method)
+    # Batches of 4: 4 + 4 + 2, the last padded with 2 rows of weight 0.
+    got = method.evaluate(
+        sampling.evaluation_dataset(images, labels, 4), verbose=0, return_dict=True
+    )
+    x = images.astype("float32")
+    probs = {
+        n: tf.nn.softmax(net(x, training=False)).numpy() for n, net in networks.items()
+    }
+    probs["joint"] = (probs[[*networks][0]] + probs[[*networks][1]]) / 2
+    for name, p in probs.items():
+        accuracy = np.mean(p.argmax(1) == labels)
+        np.testing.assert_allclose(got[f"{name}_accuracy"], accuracy, rtol=1e-6)
+    p = tf.nn.softmax(reported(x, training=False)).numpy()
+    loss = -np.mean(np.log(p[np.arange(10), labels]))
+    np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)

@@ -298,7 +298,7 @@ class NoisyLabelMethod(keras.Model):
 
     # ------------------------------------------------------------ evaluation
     def test_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        images, labels, weight = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(images, tf.float32)
         probabilities = {
             name: tf.nn.softmax(self._infer(net, images))
@@ -308,16 +308,13 @@ class NoisyLabelMethod(keras.Model):
             probabilities[JOINT] = tf.add_n(list(probabilities.values())) / len(
                 probabilities
             )
-        t = self._test_trackers
-        reported = probabilities[self.REPORTED]
-        t["loss"].update_state(
-            keras.ops.mean(
-                keras.losses.sparse_categorical_crossentropy(labels, reported)
-            )
+        reported = keras.losses.sparse_categorical_crossentropy(
+            labels, probabilities[self.REPORTED]
         )
-        for name, p in probabilities.items():
-            t[f"{name}_accuracy"].update_state(labels, p)
-        return self._logs(t)
+        update_test_trackers(
+            self._test_trackers, reported, labels, probabilities, weight
+        )
+        return self._logs(self._test_trackers)
 
     def predict_step(self, data):
         """The reported network's class probabilities."""
@@ -481,6 +478,17 @@ class SmallLossMethod(NoisyLabelMethod):
             "num_gradual": self.forget.num_gradual,
             "exponent": self.forget.exponent,
         }
+
+
+def update_test_trackers(trackers, losses, labels, probabilities, weight):
+    """Adds one evaluation batch to a method's test trackers: the mean loss
+    (`losses`, per example) and each `{name}_accuracy` of `probabilities`
+    (dict name -> `[b, K]`). `weight` (`[b]`, or None for all ones) is 0 on
+    the padding of `sampling.evaluation_dataset`'s last batch, so each real
+    example counts once in every mean."""
+    trackers["loss"].update_state(losses, sample_weight=weight)
+    for name, p in probabilities.items():
+        trackers[f"{name}_accuracy"].update_state(labels, p, sample_weight=weight)
 
 
 def fit_from_step(
