@@ -5,10 +5,11 @@ Settings: the memorisation benchmark's reduced Fashion-MNIST regimes
 (`after_drop`, `in_warmup`) and noises (sym 50%, sym 80%, pairflip 45%), and
 `digits` at sym 50% with the quickstart's flags. Every method the CLI trains
 (`gal`, `ce`, `coteaching`, `coteaching_plus`, `jocor`) runs once (seed 0) with a
-noisy held-out split of 10% (`--noisy_validation_split=0.1`), on which the run
-fits its temperature (`--calibrate=noise_corrected`, the default, with T known
-from the synthetic noise). Each run's `summary.json` holds both measures:
-`calibration.networks[<reported>]` (uncalibrated) and `calibration.served`.
+noisy held-out split (`--heldout`, default 10%: `--noisy_validation_split=0.1`),
+on which the run fits its temperature (`--calibrate=noise_corrected`, the
+default, with T known from the synthetic noise). Each run's `summary.json`
+holds both measures: `calibration.networks[<reported>]` (uncalibrated) and
+`calibration.served`.
 
 Runs are normal `python -m galkeras.train` runs under `--out/runs` (not
 committed), so the benchmark is resumable and runs by parts (`--settings`);
@@ -17,6 +18,13 @@ committed), so the benchmark is resumable and runs by parts (`--settings`);
 Usage:
 
     python benchmarks/calibration.py --out=benchmarks/results/calibration --jobs=2
+    # the same runs' calibration recomputed by today's code, without training:
+    python benchmarks/calibration.py --out=benchmarks/results/calibration \
+        --recalibrate
+    # a larger held-out split, for the fit's sample size:
+    python benchmarks/calibration.py --heldout=0.3 \
+        --settings=after_drop_sym50,in_warmup_sym50,digits_sym50 \
+        --out=benchmarks/results/calibration_heldout30
 """
 
 import json
@@ -30,7 +38,6 @@ import label_issues as label_issue_benchmark  # noqa: E402
 import memorisation  # noqa: E402
 
 METHODS = ("gal", "ce", "coteaching", "coteaching_plus", "jocor")
-HELDOUT = 0.1
 DIGITS = "digits_sym50"
 
 
@@ -46,7 +53,7 @@ def method_values(setting, method, subsets, seed):
             "flagfile": os.path.join(memorisation.ROOT, "flags", "quickstart.flags"),
             "verbose": 0,
             "seed": seed,
-            "noisy_validation_split": HELDOUT,
+            "noisy_validation_split": FLAGS.heldout,
         }
         if method != "gal":
             values["method"] = method
@@ -58,20 +65,27 @@ def method_values(setting, method, subsets, seed):
     values = label_issue_benchmark.method_values(
         method, regime, noise, seed, f"npz:{subsets[regime_name]}"
     )
-    values["noisy_validation_split"] = HELDOUT
+    values["noisy_validation_split"] = FLAGS.heldout
     return values
 
 
-def collect(setting_dir):
-    """`{method: measures}` of a setting's finished runs."""
+def collect(setting_dir, recalibrate=False):
+    """`{method: measures}` of a setting's finished runs: as each run's
+    `summary.json` recorded them, or with `recalibrate` recomputed from its
+    checkpoint by today's code (`galkeras.calibration.from_run`)."""
+    from galkeras import calibration as calibration_module
+
     results = {}
     for method in METHODS:
-        path = os.path.join(setting_dir, method, "run", "summary.json")
+        run = os.path.join(setting_dir, method, "run")
+        path = os.path.join(run, "summary.json")
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            summary = json.load(f)
-        calibration = summary["calibration"]
+        if recalibrate:
+            _, calibration = calibration_module.from_run(run)
+        else:
+            with open(path) as f:
+                calibration = json.load(f)["calibration"]
         served = calibration["served"]
         before = calibration["networks"][served["network"]]
         results[method] = {
@@ -82,8 +96,10 @@ def collect(setting_dir):
             "nll_before": before["nll"],
             "nll_after": served["nll"],
             "temperature": served.get("temperature"),
+            "interval": served.get("interval"),
             "transition": served.get("transition"),
             "fitted_on": served.get("fitted_on"),
+            "fit_samples": served.get("fit_samples"),
             "fallback": served.get("fallback"),
         }
     return results
@@ -92,22 +108,27 @@ def collect(setting_dir):
 def markdown(results):
     lines = [
         "ECE before → after (10 bins, clean test labels), NLL before → after, "
-        "and the temperature t, of each method's reported network.",
+        "the temperature t with its 95% likelihood interval, and the held-out "
+        "labels it was fitted on, of each method's reported network.",
         "",
-        "| setting | method | accuracy | ECE | NLL | t |",
-        "|---|---|---|---|---|---|",
+        "| setting | method | accuracy | ECE | NLL | t (95% interval) | fit on |",
+        "|---|---|---|---|---|---|---|",
     ]
     for setting, methods in results.items():
         for method, r in methods.items():
-            t = r["temperature"]
+            t, interval = r["temperature"], r.get("interval")
+            if r.get("fallback"):
+                served = "none: " + r["fallback"].split(":")[0]
+            elif interval:
+                served = f"{t:.3f} ({interval[0]:.2f}–{interval[1]:.2f})"
+            else:
+                served = "–" if t is None else f"{t:.3f}"
             lines.append(
                 f"| {setting} | {method} ({r['network']}) | "
                 f"{100 * r['accuracy']:.1f} | "
                 f"{r['ece_before']:.3f} → {r['ece_after']:.3f} | "
-                f"{r['nll_before']:.3f} → {r['nll_after']:.3f} | "
-                + ("–" if t is None else f"{t:.3f}")
-                + (f" ({r['fallback']})" if r.get("fallback") else "")
-                + " |"
+                f"{r['nll_before']:.3f} → {r['nll_after']:.3f} | {served} | "
+                f"{r.get('fit_samples') or '–'} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -127,6 +148,15 @@ def define_flags():
     flags.DEFINE_list("methods", list(METHODS), f"Subset of {METHODS}.")
     flags.DEFINE_integer("seed", 0, "Seed of weights, batches and noise.")
     flags.DEFINE_integer("jobs", 2, "Trainings run at once, each on one thread.")
+    flags.DEFINE_float(
+        "heldout", 0.1, "--noisy_validation_split of every run: the fit's labels."
+    )
+    flags.DEFINE_bool(
+        "recalibrate",
+        False,
+        "Recompute each finished run's calibration from its checkpoint with "
+        "today's code instead of reading its summary.json.",
+    )
 
 
 def main(argv):
@@ -159,10 +189,20 @@ def main(argv):
         with open(results_path) as f:
             results = json.load(f)["results"]
     for setting in FLAGS.settings:
-        results[setting] = collect(os.path.join(runs, setting))
+        results[setting] = collect(os.path.join(runs, setting), FLAGS.recalibrate)
     results = {s: results[s] for s in known if s in results}
     with open(results_path, "w") as f:
-        json.dump({"seed": FLAGS.seed, "results": results}, f, indent=1)
+        json.dump(
+            {
+                "seed": FLAGS.seed,
+                "heldout": FLAGS.heldout,
+                # Recomputed from the runs' checkpoints by the code of this commit.
+                "recalibrated": FLAGS.recalibrate,
+                "results": results,
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
         f.write(markdown(results))
     print(markdown(results))

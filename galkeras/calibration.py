@@ -46,6 +46,9 @@ MAX_CONDITION = 100.0
 TEMPERATURE_BOUNDS = (1e-2, 1e2)
 # Confident learning counts per noisy class; with fewer it estimates nothing.
 MIN_LABELS_PER_CLASS = 5
+# Half the 95% quantile of χ² with one degree of freedom: the drop in total
+# log-likelihood a 95% interval of one parameter allows (Wilks).
+_CHI2_95_HALF = 1.920729
 # The floor of a noisy-label probability in the likelihood: a label that `T`
 # makes impossible under a confident prediction costs -log(1e-12) ≈ 27.6 nats
 # instead of an infinite penalty that one sample would decide the fit with.
@@ -244,6 +247,11 @@ class TemperatureFit(NamedTuple):
     noisy_nll: float
     # The search ended at an end of its range: the likelihood wanted further.
     at_bound: bool
+    # `(low, high)`: the temperatures the noisy labels do not rule out, a 95%
+    # profile-likelihood interval (`likelihood_interval`), clipped to the range.
+    interval: tuple = (float("nan"), float("nan"))
+    # The interval reaches an end of the range: the labels leave `t` open there.
+    interval_open: bool = False
 
 
 def noisy_label_nll(logits, noisy_labels, matrix, temperature):
@@ -330,7 +338,52 @@ def fit_temperature(
     if values[best] < value:
         u, value = grid[best], values[best]
     at_bound = min(u - low, high - u) < 2 * tolerance
-    return TemperatureFit(math.exp(u), float(value), bool(at_bound))
+    (u_low, u_high), is_open = likelihood_interval(
+        loss, grid, values, u, value, len(z), tolerance
+    )
+    return TemperatureFit(
+        math.exp(u),
+        float(value),
+        bool(at_bound),
+        (math.exp(u_low), math.exp(u_high)),
+        is_open,
+    )
+
+
+def likelihood_interval(loss, grid, values, best_u, best_value, samples, tolerance):
+    """The 95% profile-likelihood interval of `u = log t`: the connected range
+    around the maximum-likelihood `best_u` where the total noisy-label
+    log-likelihood lies within χ²₁(0.95) / 2 = 1.92 of its maximum, i.e.
+
+        N · (loss(u) − loss(best_u)) ≤ 1.92,
+
+    `loss` the mean noisy-label NLL, `values` its values on `grid`. Walking out
+    from `best_u` along the grid, each end is found by bisection between the
+    last point inside and the first outside, to `tolerance`.
+
+    Returns:
+        `((u_low, u_high), open)`: `open` when an end is the grid's own (the
+        labels do not rule out the range's end).
+    """
+    limit = best_value + _CHI2_95_HALF / samples
+    below, above = np.flatnonzero(grid < best_u), np.flatnonzero(grid > best_u)
+    ends, is_open = [], False
+    for side in (below[::-1], above):
+        a, b = best_u, None  # the last point inside, the first outside
+        for i in side:
+            if values[i] > limit:
+                b = grid[i]
+                break
+            a = grid[i]
+        if b is None:  # inside up to the grid's end
+            ends.append(float(a))
+            is_open = True
+            continue
+        while abs(b - a) > tolerance:
+            middle = (a + b) / 2
+            a, b = (middle, b) if loss(middle) <= limit else (a, middle)
+        ends.append(float(a))
+    return (ends[0], ends[1]), is_open
 
 
 # ------------------------------------------------------------- calibrating
@@ -346,6 +399,8 @@ class Calibration:
         fitted_on: `"heldout"` (the noisy held-out split) or `"training_set"`.
         fit_samples: how many samples the fit saw.
         at_bound: the fit ended at an end of `TEMPERATURE_BOUNDS`.
+        interval: `[low, high]`, the 95% likelihood interval of `t`
+            (`likelihood_interval`); None for `none`.
         fallback: why `noise_corrected` fell back to `none`; None otherwise.
         matrix: the `T` used (None for `none`).
     """
@@ -356,6 +411,7 @@ class Calibration:
     fitted_on: str | None = None
     fit_samples: int = 0
     at_bound: bool = False
+    interval: list | None = None
     fallback: str | None = None
     matrix: np.ndarray | None = None
 
@@ -380,9 +436,11 @@ def calibrate(
 
     `T` is `known_transition_matrix(...)` when the run made the noise itself,
     else estimated (`estimate_transition_matrix`) on the same samples'
-    probabilities. Where `T` can be neither known nor estimated, or the fit
-    refuses it, this falls back to `none` with a warning naming the reason: it
-    never fails a finished run.
+    probabilities. Where `T` can be neither known nor estimated, the fit
+    refuses it, or the noisy labels leave `t` undetermined (its 95% likelihood
+    interval reaches an end of `TEMPERATURE_BOUNDS`: too few samples, or noise
+    so heavy that the labels say little), this falls back to `none` with a
+    warning naming the reason: it never fails a finished run.
 
     Raises:
         ValueError: an unknown `method`.
@@ -403,6 +461,15 @@ def calibrate(
                 raise ValueError("No samples with finite logits to estimate T on.")
             matrix = estimate_transition_matrix(softmax(z), noisy_labels, num_classes)
         fit = fit_temperature(z, noisy_labels, matrix)
+        if fit.interval_open:
+            low, high = fit.interval
+            raise ValueError(
+                f"the {samples} noisy labels ({fitted_on}) do not determine the "
+                f"temperature: their 95% likelihood interval [{low:.3g}, "
+                f"{high:.3g}] reaches the end of the search range "
+                f"{TEMPERATURE_BOUNDS}. Hold out more samples "
+                "(--noisy_validation_split) for a fit."
+            )
     except ValueError as error:
         from absl import logging
 
@@ -420,6 +487,7 @@ def calibrate(
         fitted_on=fitted_on,
         fit_samples=samples,
         at_bound=fit.at_bound,
+        interval=[float(v) for v in fit.interval],
         matrix=matrix,
     )
 

@@ -209,6 +209,11 @@ def served_line(calibration, summary):
         f"served {name} probabilities: noise-corrected temperature "
         f"{served['temperature']:.4g}"
         + (" (at the end of its search range)" if served.get("at_bound") else "")
+        + (
+            " (95% interval {:.3g}-{:.3g})".format(*served["interval"])
+            if served.get("interval")
+            else ""
+        )
         + f", T {transition}, fitted on {where}"
     )
     if before:
