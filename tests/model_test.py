@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_data, tiny_net
 
-from galkeras import agreement, optimizers
+from galkeras import agreement, optimizers, sampling
 from galkeras.gated_update import optimizer_slots
 from galkeras.model import GAL
 from galkeras.training_set import TrainingSet
@@ -463,3 +463,17 @@ def test_a_student_starting_at_the_split_waits_then_keeps_the_runs_schedule():
     )
     with pytest.raises(ValueError, match="student_start must be one of"):
         _gal(warmup_epochs=1, student_start="later")
+
+
+def test_fit_through_a_device_prefetch_trains_the_same_weights(monkeypatch):
+    # On a GPU without a strategy the stream ends in prefetch_to_device; the
+    # host stands in for the device here, through Keras' own fit loop.
+    images, labels = tiny_data(24)
+    weights = []
+    for device in (None, "/cpu:0"):
+        monkeypatch.setattr(sampling, "input_device", lambda strategy: device)
+        gal = _gal(warmup_epochs=1)
+        gal.fit(TrainingSet(images, labels, batch_size=8), epochs=2, verbose=0)
+        weights.append([w.numpy() for w in gal.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
