@@ -493,6 +493,50 @@ def calibrate(
 
 
 # ------------------------------------------------------------ trained runs
+def fit_network(
+    method,
+    network,
+    images,
+    noisy_labels,
+    noise_type="none",
+    noise_rate=0.0,
+    dataset=None,
+    fitted_on="heldout",
+    calibration="noise_corrected",
+    batch_size=256,
+):
+    """The temperature to serve `method`'s network `network` with, fitted
+    (`calibrate`) on its logits of `images` against their `noisy_labels`: what
+    a run does after training, for a method trained in Python
+    (`export.export_classifier(net, path, temperature=result.temperature)`).
+
+    Args:
+        method: a trained `GAL` or `NoisyLabelMethod`.
+        network: the name of the network to serve (GAL: `"student"`).
+        images: uint8 `[N, H, W, C]` or `ImageFiles`: a noisy held-out split
+            the method did not train on, or its training set (`fitted_on=
+            "training_set"`, in sample).
+        noisy_labels: int `[N]`, their noisy labels.
+        noise_type, noise_rate, dataset: the synthetic noise, when the labels
+            were made with `galkeras.noise` (T known); `"none"` estimates T.
+
+    Returns:
+        A `Calibration`.
+    """
+    from galkeras.label_issues import network_logits
+
+    logits = network_logits(method, [network], images, batch_size)[network]
+    return calibrate(
+        logits,
+        np.asarray(noisy_labels),
+        noise_type,
+        noise_rate,
+        dataset=dataset,
+        fitted_on=fitted_on,
+        method=calibration,
+    )
+
+
 def calibrate_method(
     method,
     networks,
@@ -548,15 +592,17 @@ def calibrate_method(
                 if hasattr(images, "subset")
                 else images[heldout_ids]
             )
-        logits = network_logits(method, [reported], images, batch_size)[reported]
-        result = calibrate(
-            logits,
+        result = fit_network(
+            method,
+            reported,
+            images,
             labels,
             noise_type,
             noise_rate,
             dataset=data.name,
             fitted_on=fitted_on,
-            method=calibration,
+            calibration=calibration,
+            batch_size=batch_size,
         )
     entry = {
         "test_examples": len(y_test),
