@@ -105,8 +105,14 @@ def test_cli_trains_digits_writes_summary_and_a_servable_export(tmp_path):
     # student.keras is uncalibrated; the export divides its logits by t.
     student = keras.models.load_model(tmp_path / "run" / "student.keras")
     logits = student.predict(images, verbose=0)
-    t = summary["calibration"]["served"]["temperature"]
-    assert summary["calibration"]["served"]["transition"] == "known"
+    served = summary["calibration"]["served"]
+    t = served["temperature"]
+    if served["fallback"]:
+        # θC of a 3-epoch run can be near chance, which leaves t open: the
+        # run serves t = 1 and says why (tests/calibration_test.py checks a fit).
+        assert t == 1.0 and "do not determine the temperature" in served["fallback"]
+    else:
+        assert served["transition"] == "known" and t != 1.0
     want = keras.ops.softmax(logits / t).numpy()
     script = (
         "import sys, numpy as np, tensorflow as tf\n"
