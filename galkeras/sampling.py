@@ -484,7 +484,8 @@ def inference_dataset(images, batch_size, pad_last=False):
         batch_size: int, images per batch; the last, partial batch is kept.
         pad_last: whether the last batch is padded to `batch_size` rows (copies
             of the first image, with id -1), so that every batch has one static
-            shape.
+            shape; `batch_size` is then at most N, so padding never outnumbers
+            the images.
 
     Returns:
         A dataset of dicts `{"image": uint8 [b, H, W, C], "id": int64 [b]}`.
@@ -492,6 +493,8 @@ def inference_dataset(images, batch_size, pad_last=False):
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     source = _ImageSource(images)
+    if pad_last:
+        batch_size = max(1, min(batch_size, len(source)))
 
     def load(ids):
         if pad_last:
@@ -530,7 +533,6 @@ def evaluation_dataset(images, labels, batch_size):
         raise ValueError(
             f"{len(images)} images but {len(labels)} labels; they must match."
         )
-    batch_size = min(int(batch_size), len(labels)) or 1
 
     def with_weights(batch):
         real = batch["id"] >= 0

@@ -146,18 +146,15 @@ class PseudoLabelTable:
 
         Each batch is spread over the replicas by one `tf.function`, which
         writes its rows into the table where it lives: nothing returns to the
-        host but the statistics. Batches
-        hold `refresh_batch_size(training_set.batch_size)` images by default;
-        the last is padded to the same shape (one traced shape per function,
+        host but the statistics. Batches hold
+        `refresh_batch_size(training_set.batch_size)` images by default (at
+        most N); the last is padded to the same shape (one traced shape per function,
         one XLA program) and its padding is not written.
 
         Returns:
             The statistics, as `statistics`.
         """
-        batch_size = min(
-            batch_size or refresh_batch_size(training_set.batch_size),
-            training_set.num_examples,
-        )
+        batch_size = batch_size or refresh_batch_size(training_set.batch_size)
         table = self.ensure(training_set.num_examples, training_set.num_classes)
         dataset = sampling.inference_dataset(
             training_set.images, batch_size, pad_last=True
