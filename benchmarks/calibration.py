@@ -25,8 +25,14 @@ Usage:
     python benchmarks/calibration.py --heldout=0.3 \
         --settings=after_drop_sym50,in_warmup_sym50,digits_sym50 \
         --out=benchmarks/results/calibration_heldout30
+    # 2,000 held-out labels beside the regimes' 1,000 training images, and the
+    # ECE measured on the whole 10,000-image test split:
+    python benchmarks/calibration.py --heldout_images=2000 --num_test=10000 \
+        --settings=after_drop_sym50,in_warmup_sym50 \
+        --out=benchmarks/results/calibration_fit2000
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -65,8 +71,27 @@ def method_values(setting, method, subsets, seed):
     values = label_issue_benchmark.method_values(
         method, regime, noise, seed, f"npz:{subsets[regime_name]}"
     )
-    values["noisy_validation_split"] = FLAGS.heldout
+    values["noisy_validation_split"] = heldout_share(regime)
     return values
+
+
+def heldout_share(regime):
+    """`--noisy_validation_split` of a Fashion-MNIST setting: `--heldout`, or with
+    `--heldout_images` the share that holds out that many images of a subset
+    grown by them, so that training keeps the regime's own images."""
+    if not FLAGS.heldout_images:
+        return FLAGS.heldout
+    return FLAGS.heldout_images / (regime.num_train + FLAGS.heldout_images)
+
+
+def subset_regime(regime):
+    """The regime whose subset a setting trains on: grown by `--heldout_images`,
+    with `--num_test` test images."""
+    return dataclasses.replace(
+        regime,
+        num_train=regime.num_train + FLAGS.heldout_images,
+        num_test=FLAGS.num_test or regime.num_test,
+    )
 
 
 def collect(setting_dir, recalibrate=False):
@@ -151,6 +176,19 @@ def define_flags():
     flags.DEFINE_float(
         "heldout", 0.1, "--noisy_validation_split of every run: the fit's labels."
     )
+    flags.DEFINE_integer(
+        "heldout_images",
+        0,
+        "Fashion-MNIST settings: hold out this many images besides the regime's "
+        "training images (the subset grows by them; training keeps the regime's "
+        "count); 0: --heldout of the regime's images.",
+    )
+    flags.DEFINE_integer(
+        "num_test",
+        0,
+        "Fashion-MNIST settings: test images the ECE is measured on (0: the "
+        "regime's; 10000: the whole test split).",
+    )
     flags.DEFINE_bool(
         "recalibrate",
         False,
@@ -171,9 +209,15 @@ def main(argv):
     subsets = {}
     for name, regime in memorisation.REGIMES.items():
         if any(s.startswith(f"{name}_") for s in FLAGS.settings):
-            subsets[name] = os.path.join(runs, f"{name}.npz")
+            grown = subset_regime(regime)
+            suffix = (
+                f"_train{grown.num_train}_test{grown.num_test}"
+                if grown != regime
+                else ""
+            )
+            subsets[name] = os.path.join(runs, f"{name}{suffix}.npz")
             if not os.path.exists(subsets[name]):
-                memorisation.make_subset(FLAGS.npz, regime, subsets[name])
+                memorisation.make_subset(FLAGS.npz, grown, subsets[name])
     trainings = [
         label_issue_benchmark.Training(
             os.path.join(runs, setting, method),
@@ -196,6 +240,8 @@ def main(argv):
             {
                 "seed": FLAGS.seed,
                 "heldout": FLAGS.heldout,
+                "heldout_images": FLAGS.heldout_images,
+                "num_test": FLAGS.num_test,
                 # Recomputed from the runs' checkpoints by the code of this commit.
                 "recalibrated": FLAGS.recalibrate,
                 "results": results,

@@ -386,10 +386,10 @@ def config_problems(config):
         f"--validation_split={c.validation_split} must be in (0, 1).",
     )
     need(
-        0.0 <= c.noisy_validation_split < 0.5,
-        f"--noisy_validation_split={c.noisy_validation_split} must be in [0, 0.5): "
-        "the share of the noisy training set held out for model selection "
-        "(0: none).",
+        0.0 <= c.noisy_validation_split < 1.0,
+        f"--noisy_validation_split={c.noisy_validation_split} must be in [0, 1): "
+        "the share of the noisy training set held out for model selection and "
+        "calibration (0: none).",
     )
     need(
         not c.labels_csv or os.path.isfile(c.labels_csv),
@@ -1472,9 +1472,10 @@ def define_flags(flag_values=None):
     define.float(
         "noisy_validation_split",
         d["noisy_validation_split"],
-        "Share in [0, 0.5) of the noisy training set held out (stratified by the "
+        "Share in [0, 1) of the noisy training set held out (stratified by the "
         "noisy label, never trained on) and evaluated every epoch on its noisy "
-        "labels; summary.json's `selected` is the test accuracy at its best epoch.",
+        "labels; summary.json's `selected` is the test accuracy at its best "
+        "epoch, and --calibrate fits its temperature on it.",
     )
     define.string("labels_csv", d["labels_csv"], "folder: CSV of path,label.")
     define.bool(

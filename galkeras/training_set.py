@@ -110,7 +110,7 @@ def noisy_holdout_split(noisy_labels, fraction, seed):
 
     Args:
         noisy_labels: int array `[N]`, the labels training would see.
-        fraction: float in `[0, 0.5)`; 0 holds out nothing.
+        fraction: float in `[0, 1)`; 0 holds out nothing.
         seed: int, the run's seed.
 
     Returns:

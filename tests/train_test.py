@@ -398,12 +398,14 @@ def test_summarise_with_fewer_than_10_epochs_and_no_held_out_split():
 
 
 def test_noisy_validation_split_range_is_checked_before_loading_data():
-    for bad in (-0.1, 0.5, 0.7):
+    for bad in (-0.1, 1.0, 1.5):
         (problem,) = train.config_problems(
             train.TrainConfig(noisy_validation_split=bad)
         )
-        assert f"--noisy_validation_split={bad} must be in [0, 0.5)" in problem
-    assert not train.config_problems(train.TrainConfig(noisy_validation_split=0.49))
+        assert f"--noisy_validation_split={bad} must be in [0, 1)" in problem
+    # Holding out most of the set (for the calibration fit) is allowed; each
+    # class keeping a training sample is checked once the labels are known.
+    assert not train.config_problems(train.TrainConfig(noisy_validation_split=0.7))
 
 
 def test_a_run_that_predates_the_flag_resumes_with_its_default(tmp_path):
@@ -431,7 +433,7 @@ def test_a_split_leaving_a_class_without_held_out_samples_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "flags,named",
     [
-        (["--noisy_validation_split=0.5"], "must be in [0, 0.5)"),
+        (["--noisy_validation_split=1"], "must be in [0, 1)"),
         # A split leaving a class empty, refused after loading the data: see
         # test_a_split_leaving_a_class_without_held_out_samples_is_refused.
     ],
