@@ -4,6 +4,8 @@ printed at the end (`summary.json` holds the same numbers)."""
 import math
 import os
 
+from galkeras.calibration import WIDE_INTERVAL
+
 # GAL's networks; a peer's are its `NETWORKS`, plus `joint` for two.
 NETWORKS = ("twin_a", "twin_b", "joint", "student")
 # Every network name a summary may hold, in the order tables show them.
@@ -216,6 +218,12 @@ def served_line(calibration, summary):
         )
         + f", T {transition}, fitted on {where}"
     )
+    interval = served.get("interval")
+    if interval and interval[1] > WIDE_INTERVAL * interval[0]:
+        line += (
+            "; the interval is wide, so t is loosely determined: hold out more "
+            "labels (--noisy_validation_split) for a surer fit"
+        )
     if before:
         line += (
             f"; test ECE {before['ece']:.3f} -> {served['ece']:.3f}, NLL "

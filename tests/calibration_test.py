@@ -299,3 +299,28 @@ def test_an_unknown_calibrate_exits_2_before_training(tmp_path):
     assert "--calibrate='platt' is unknown" in result.stderr
     assert "'noise_corrected'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_summary_says_when_the_interval_leaves_t_loosely_determined():
+    from galkeras import summary
+
+    def line(interval):
+        served = {
+            "network": "student",
+            "method": "noise_corrected",
+            "temperature": 0.5,
+            "transition": "known",
+            "fitted_on": "heldout",
+            "fit_samples": 300,
+            "interval": interval,
+            "ece": 0.02,
+            "nll": 0.9,
+        }
+        networks = {"student": {"ece": 0.3, "nll": 1.2}}
+        return summary.served_line({"served": served, "networks": networks}, {})
+
+    # high / low = 1.25 (about 2,000 sym-50% labels) against 2.0 (about 300).
+    assert "loosely determined" not in line([0.44, 0.55])
+    wide = line([0.35, 0.70])
+    assert "(95% interval 0.35-0.7)" in wide
+    assert "loosely determined: hold out more labels (--noisy_validation_split)" in wide
