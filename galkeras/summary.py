@@ -218,6 +218,12 @@ def served_line(calibration, summary):
         )
         + f", T {transition}, fitted on {where}"
     )
+    if served["transition"] == "estimated":
+        line += (
+            "; an estimated T tends to overstate the noise (confident learning "
+            "counts the network's own mistakes), which over-sharpens: check the "
+            "served probabilities against clean labels if you have any"
+        )
     interval = served.get("interval")
     if interval and interval[1] > WIDE_INTERVAL * interval[0]:
         line += (

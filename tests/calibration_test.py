@@ -301,15 +301,15 @@ def test_an_unknown_calibrate_exits_2_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_summary_says_when_the_interval_leaves_t_loosely_determined():
+def test_the_summary_flags_a_wide_interval_and_an_estimated_transition():
     from galkeras import summary
 
-    def line(interval):
+    def line(interval, transition="known"):
         served = {
             "network": "student",
             "method": "noise_corrected",
             "temperature": 0.5,
-            "transition": "known",
+            "transition": transition,
             "fitted_on": "heldout",
             "fit_samples": 300,
             "interval": interval,
@@ -324,3 +324,8 @@ def test_the_summary_says_when_the_interval_leaves_t_loosely_determined():
     wide = line([0.35, 0.70])
     assert "(95% interval 0.35-0.7)" in wide
     assert "loosely determined: hold out more labels (--noisy_validation_split)" in wide
+    # An estimated T is flagged as the over-sharpening risk it is.
+    assert "overstate the noise" not in wide
+    assert "an estimated T tends to overstate the noise" in line(
+        [0.44, 0.55], "estimated"
+    )
