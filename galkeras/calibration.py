@@ -47,8 +47,8 @@ TEMPERATURE_BOUNDS = (1e-2, 1e2)
 # The ratio high / low of t's 95% interval past which the summary says that t
 # is loosely determined. On the Fashion-MNIST calibration benchmark at sym 50%
 # (`benchmarks/calibration_sample_size.py`), fits on ~2,000 held-out labels
-# (ratio ≈ 1.3) met ECE ≤ 0.05 in 93–100% of draws, fits on 300 (ratio ≈ 1.9)
-# in about half of them.
+# (ratio ≈ 1.3) met ECE ≤ 0.05 in 90–100% of draws, fits on 300 (ratio ≈ 1.9)
+# in about half to two thirds of them.
 WIDE_INTERVAL = 1.5
 # Confident learning counts per noisy class; with fewer it estimates nothing.
 MIN_LABELS_PER_CLASS = 5
