@@ -202,6 +202,11 @@ def main(argv):
     known = settings_of(memorisation.REGIMES, memorisation.NOISES)
     problems = [f"--settings: unknown {s!r}" for s in FLAGS.settings if s not in known]
     problems += [f"--methods: unknown {m!r}" for m in FLAGS.methods if m not in METHODS]
+    problems += [
+        f"--{name}={getattr(FLAGS, name)} must be >= 0"
+        for name in ("heldout_images", "num_test")
+        if getattr(FLAGS, name) < 0
+    ]
     if problems:
         sys.exit("calibration: " + "; ".join(problems))
     runs = os.path.join(FLAGS.out, "runs")
