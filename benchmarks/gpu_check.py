@@ -161,6 +161,7 @@ def whole_run(s, step):
 
 def main(argv):
     del argv
+    perf.smoke_test_mode()
     logging.set_verbosity(logging.WARNING)
     if not FLAGS.out:
         raise app.UsageError("--out=DIRECTORY is required.")
