@@ -300,6 +300,10 @@ def run_jobs(jobs, out_dir, regimes, npz_path, parallel, log):
     subsets = {}
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     pending = [j for j in jobs if not os.path.exists(_summary_path(j))]
+    # Gates first: a random control waits for its gate's run, which would
+    # otherwise start last and leave its control to run alone after it.
+    gates = {_gate_of(j).run_dir for j in pending if j.method.startswith("random_")}
+    pending.sort(key=lambda j: j.run_dir not in gates)
     running = []
     while pending or running:
         for job, proc, started in list(running):

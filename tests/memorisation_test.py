@@ -111,3 +111,35 @@ def test_stored_runs_are_kept_unless_re_run_or_of_an_older_definition(tmp_path):
         }
     }
     assert memorisation.merge_committed(on_disk, str(tmp_path / "no"), {}) is on_disk
+
+
+def test_jobs_start_a_random_controls_gate_first(tmp_path, monkeypatch):
+    # Two at a time: the gate starts beside CE, so that its random control
+    # does not run alone after every other run.
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def start_training(run_dir, flagfile):
+        started.append(os.path.basename(run_dir))
+        os.makedirs(os.path.join(run_dir, "run"))
+        with open(os.path.join(run_dir, "run", "summary.json"), "w") as f:
+            json.dump({"mean_agreement_param_ratio": 0.25}, f)
+        return Finished()
+
+    monkeypatch.setattr(memorisation, "start_training", start_training)
+    monkeypatch.setattr(memorisation, "make_subset", lambda *a: "subset.npz")
+    setting = tmp_path / "runs" / "quick" / "sym50" / "seed0"
+    jobs = [
+        memorisation.Job("quick", "sym50", 0, m, str(setting / m))
+        for m in memorisation.QUICK_METHODS
+    ]
+    regimes = memorisation.QUICK_REGIMES
+    memorisation.run_jobs(jobs, str(tmp_path), regimes, "unused.npz", 2, print)
+    assert started == ["gal_element", "ce", "stop", "random_element"]
+    flags_text = (setting / "random_element" / "run.flags").read_text()
+    assert "--random_update_prob=0.25" in flags_text
