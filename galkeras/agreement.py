@@ -38,7 +38,7 @@ GRANULARITIES = ("variable", "channel", "element")
 _EPSILON = 1e-12
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def gradient_agreement(grads_a, grads_b):
     """Cosine similarity of two gradient lists, one coefficient per variable.
 
@@ -63,7 +63,7 @@ def gradient_agreement(grads_a, grads_b):
     return tf.stack(coefficients)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def channel_agreement(grads_a, grads_b):
     """Eq. (4) per output unit: one cosine per slice along the last axis.
 
@@ -94,7 +94,7 @@ def channel_agreement(grads_a, grads_b):
     return coefficients
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def element_agreement(grads_a, grads_b):
     """Eq. (4) per scalar: the cosine of two 1-value vectors, `sign(g_A) * sign(g_B)`.
 

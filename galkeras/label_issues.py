@@ -83,7 +83,7 @@ def _network_outputs(method, networks, images, batch_size):
 
         # A shape-relaxed trace, not an input signature: under a multi-worker
         # strategy an input signature refuses the replicas' values.
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def predict(batch):
             outputs = []
             for model in models:

@@ -37,7 +37,9 @@ class NetworkPass:
         self.jit_compile = bool(jit_compile)
         self.name = name
         self._function = (
-            tf.function(self._pure, jit_compile=True, reduce_retracing=True)
+            tf.function(
+                self._pure, jit_compile=True, reduce_retracing=True, autograph=False
+            )
             if self.jit_compile
             else self._pure
         )
@@ -144,7 +146,7 @@ class Inference:
                 return tf.cast(outputs, tf.float32)
 
             self._functions[key] = tf.function(
-                pure, jit_compile=True, reduce_retracing=True
+                pure, jit_compile=True, reduce_retracing=True, autograph=False
             )
         return self._functions[key](*_weight_values(network), images)
 

@@ -221,7 +221,7 @@ class EvaluateTrainingFit(keras.callbacks.Callback):
         key = tuple(networks)
         if key not in self._predict:
 
-            @tf.function(reduce_retracing=True)
+            @tf.function(reduce_retracing=True, autograph=False)
             def predict(batch):
                 probabilities = {
                     name: tf.nn.softmax(

@@ -83,7 +83,7 @@ def steps_of_all_workers(strategy, step):
     """Every worker's `step`, gathered with a collective (multi-worker runs)."""
     import tensorflow as tf
 
-    @tf.function
+    @tf.function(autograph=False)
     def gather():
         local = strategy.run(lambda: tf.constant([step], tf.int64))
         return strategy.gather(local, axis=0)

@@ -86,7 +86,7 @@ def predict_over(strategy, fn, dataset):
             yield ids.numpy(), outputs.numpy()
         return
 
-    @tf.function
+    @tf.function(autograph=False)
     def distributed(batch):
         results = strategy.run(fn, args=(batch,))
         return tuple(replica_rows(strategy, r) for r in results)
@@ -175,7 +175,7 @@ class PseudoLabelTable:
         # One call per batch, driven from Python: a loop over the dataset
         # inside the function runs as tf.data's reduce, whose body measured
         # twice as slow on 2 CPU cores.
-        @tf.function
+        @tf.function(autograph=False)
         def fill(batch):
             ids, probs = strategy.run(joint_fn, args=(batch,))
             ids = replica_rows(strategy, ids)
@@ -205,7 +205,7 @@ class PseudoLabelTable:
     def _statistics_function(self, with_clean):
         if with_clean not in self._stat_functions:
 
-            @tf.function
+            @tf.function(autograph=False)
             def statistics(table, labels, clean_labels):
                 values = pseudo_label_statistics(
                     table, labels, clean_labels if with_clean else None, self.epsilon
