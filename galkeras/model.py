@@ -507,11 +507,6 @@ class GAL(keras.Model):
         self.twins_split.assign(1)
 
     # ------------------------------------------------------------ train step
-    # Keras' train, test and predict steps are traced as written, without
-    # autograph: they hold no Python control flow on tensors, and converting
-    # their source (and everything they call) cost about 3 s of each process's
-    # start on 2 CPU cores.
-    @tf.autograph.experimental.do_not_convert
     def train_step(self, data):
         # Every network's loss and gradients first, then the updates, so that a
         # non-finite value anywhere can hold back the whole step. The forward
@@ -763,7 +758,6 @@ class GAL(keras.Model):
         )
         return keras.Model(images, logits, name="joint")
 
-    @tf.autograph.experimental.do_not_convert
     def test_step(self, data):
         images, labels, weight = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(images, tf.float32)
@@ -781,7 +775,6 @@ class GAL(keras.Model):
         update_test_trackers(self._test_trackers, losses, labels, probabilities, weight)
         return self._logs(self._test_trackers)
 
-    @tf.autograph.experimental.do_not_convert
     def predict_step(self, data):
         """θC's class probabilities."""
         images, _, _ = keras.utils.unpack_x_y_sample_weight(data)

@@ -12,6 +12,11 @@ the new BatchNorm statistics it returns are assigned after it.
 
 With `jit_compile=False` the same function runs inline in the step: the two
 settings compute the same thing, and a test checks that they agree.
+
+Like Keras 3's own step functions, galkeras' functions are traced as written,
+without autograph (`autograph=False`): none has Python control flow on
+tensors, and converting the source of everything a pass calls (the networks'
+layers included) cost about 3 s of each process's start on 2 CPU cores.
 """
 
 import tensorflow as tf

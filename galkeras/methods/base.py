@@ -245,11 +245,6 @@ class NoisyLabelMethod(keras.Model):
         return logs
 
     # ------------------------------------------------------------ train step
-    # Keras' train, test and predict steps are traced as written, without
-    # autograph: they hold no Python control flow on tensors, and converting
-    # their source (and everything they call) cost about 3 s of each process's
-    # start on 2 CPU cores.
-    @tf.autograph.experimental.do_not_convert
     def train_step(self, data):
         images = tf.cast(data["image_a"], tf.float32)
         labels, ids = data["label_a"], data["id_a"]
@@ -302,7 +297,6 @@ class NoisyLabelMethod(keras.Model):
         return self._logs(self._train_trackers)
 
     # ------------------------------------------------------------ evaluation
-    @tf.autograph.experimental.do_not_convert
     def test_step(self, data):
         images, labels, weight = keras.utils.unpack_x_y_sample_weight(data)
         images = tf.cast(images, tf.float32)
@@ -322,7 +316,6 @@ class NoisyLabelMethod(keras.Model):
         )
         return self._logs(self._test_trackers)
 
-    @tf.autograph.experimental.do_not_convert
     def predict_step(self, data):
         """The reported network's class probabilities."""
         images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
