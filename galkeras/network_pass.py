@@ -15,8 +15,8 @@ settings compute the same thing, and a test checks that they agree.
 
 Like Keras 3's own step functions, galkeras' functions are traced as written,
 without autograph (`autograph=False`): none has Python control flow on
-tensors, and converting the source of everything a pass calls (the networks'
-layers included) cost about 3 s of each process's start on 2 CPU cores.
+tensors, and autograph would rewrite their source at each process's first
+trace.
 """
 
 import tensorflow as tf
