@@ -1709,14 +1709,21 @@ def config_from_flagfile(path, **overrides):
     """
     if not os.path.isfile(path):
         raise ValueError(f"Flag file {path} does not exist.")
-    flag_values = flags.FlagValues()
-    define_flags(flag_values)
     try:
-        flag_values(["galkeras.train", f"--flagfile={path}"])
+        config = config_from_args([f"--flagfile={path}"])
     except flags.Error as error:
         raise ValueError(f"Flag file {path}: {error}") from error
-    config = config_from_flags(flag_values)
     return dataclasses.replace(config, **overrides)
+
+
+def config_from_args(args):
+    """The `TrainConfig` of `python -m galkeras.train ARGS`, parsed with absl
+    without touching the global flags (a relative `--flagfile` is read from the
+    working directory). Raises absl's `flags.Error` for a flag it refuses."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    flag_values(["galkeras.train", *args])
+    return config_from_flags(flag_values)
 
 
 def config_from_flags(flag_values=None):

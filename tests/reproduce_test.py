@@ -12,7 +12,6 @@ import sys
 import tempfile
 
 import pytest
-from absl import flags
 
 from galkeras import reproduce, train
 from galkeras.report import PAPER_TABLE1, Setting, load_run, table_markdown
@@ -367,17 +366,14 @@ def test_reproduce_runs_then_skips_and_writes_the_table(tmp_path, monkeypatch):
     )
 
     def run(command, check, cwd):
-        # The planned command, parsed by galkeras.train's own parser and run in
+        # The planned command, parsed as galkeras.train parses it and run in
         # this process (a second TensorFlow start-up per run would add nothing
         # the CLI tests do not cover). Its flag file's include is relative to
         # `cwd`, the parent of the flags directory.
         assert cwd == str(tmp_path)
         assert command[:3] == [sys.executable, "-m", "galkeras.train"]
         monkeypatch.chdir(cwd)
-        flag_values = flags.FlagValues()
-        train.define_flags(flag_values)
-        train.parse_command_line(["galkeras.train", *command[3:]], flag_values)
-        train.run(train.config_from_flags(flag_values))
+        train.run(train.config_from_args(command[3:]))
         return subprocess.CompletedProcess(command, 0)
 
     written = reproduce.reproduce("table1", run=run, **kwargs)
