@@ -50,7 +50,11 @@ machine and on whatever else runs on it.
    warm-up switch (θA only) and after it (θA and θB); its floor, θA's and θB's
    plain inference calls on the N images already in memory (`forward_twins`);
    and one evaluation pass (`evaluate`) of the validation set in either phase,
-   which part 4's floor needs.
+   which part 4's floor needs. Beside them, the arithmetic: the inference pass's
+   operations per image (`forward_flops`), the rates the forward pass and the CE
+   epoch ran at, a 4096×4096 float32 matrix product's rate (`matmul`, this
+   machine's dense-arithmetic peak), and the refresh per network over a CE epoch
+   if the inference pass ran at that peak: the lowest any refresh can reach here.
 4. `run` (whole_run.json): whole `fit` runs on the same N images (`small_cnn`,
    crop+flip augmentation, per-epoch validation, E = 10, W = 4): GAL, CE as
    galkeras runs it (`GAL`, W = E, `train_student=False`) and CE in plain Keras.
@@ -105,6 +109,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import arithmetic  # noqa: E402  (benchmarks/, the script's own directory)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -253,6 +258,7 @@ class Settings:
     images: dict  # kind -> N of parts 1, 3 (and 4 for small_cnn)
     rounds: int
     warmup_steps: int
+    matmul_size: int  # part 3's peak: one n×n float32 product
     scaling_calls: int
     run_epochs: int
     run_warmup_epochs: int
@@ -282,6 +288,7 @@ def settings_from_flags():
             images={"small_cnn": 256},
             rounds=1,
             warmup_steps=1,
+            matmul_size=128,
             scaling_calls=3,
             run_epochs=2,
             run_warmup_epochs=1,
@@ -316,6 +323,7 @@ def settings_from_flags():
         images={"small_cnn": 4096, "preact_resnet18": 1024},
         rounds=FLAGS.rounds,
         warmup_steps=FLAGS.warmup_steps,
+        matmul_size=4096,
         scaling_calls=10,
         run_epochs=10,
         run_warmup_epochs=4,
@@ -868,6 +876,7 @@ def part_scaling(settings):
 def part_refresh(settings, benches):
     result = {"backbones": {}}
     rows = []
+    arithmetic_rows = []
     for backbone in settings.step_backbones:
         bench = benches[backbone.kind]
         refresh_size = teacher.refresh_batch_size(settings.batch_size)
@@ -878,6 +887,7 @@ def part_refresh(settings, benches):
             "forward_twins": (bench.forward("gal", refresh_size), 1),
             "eval_warmup": (bench.evaluate("ce"), 1),
             "eval_split": (bench.evaluate("gal"), 1),
+            "matmul": (arithmetic.matmul_call(settings.matmul_size), 1),
         }
         for fn, _ in contenders.values():
             fn()  # traces the refresh and test functions
@@ -896,6 +906,12 @@ def part_refresh(settings, benches):
                 times, "forward_twins", "ce_epoch", scale=2.0
             ),
         }
+        figures = arithmetic.refresh_arithmetic(
+            arithmetic.forward_flops(bench.model("gal").twin_a),
+            bench.training_set.num_examples,
+            settings.matmul_size,
+            seconds,
+        )
         result["backbones"][backbone.kind] = {
             "num_images": bench.training_set.num_examples,
             "validation_images": (bench.training_set.num_examples // 4),
@@ -905,6 +921,7 @@ def part_refresh(settings, benches):
             "seconds": seconds,
             "round_seconds": {name: round_medians(t) for name, t in times.items()},
             "ratios": ratios,
+            "arithmetic": figures,
         }
         r = ratios["refresh_per_network_over_ce_epoch"]["ratio"]
         rows.append(
@@ -921,6 +938,16 @@ def part_refresh(settings, benches):
                 fmt_s(seconds["eval_split"]),
             ]
         )
+        arithmetic_rows.append(
+            [
+                backbone.label,
+                f"{figures['forward_mflop_per_image']:.1f}",
+                f"{figures['forward_gflops']:.0f}",
+                f"{figures['ce_epoch_gflops']:.0f}",
+                f"{figures['matmul_gflops']:.0f}",
+                f"{figures['refresh_per_network_over_ce_epoch_at_peak']:.2f}",
+            ]
+        )
     table = markdown(
         [
             "backbone",
@@ -935,6 +962,18 @@ def part_refresh(settings, benches):
             "eval, after split",
         ],
         rows,
+    )
+    table += "\n\nArithmetic (GFLOP/s: 10⁹ floating-point operations per second)\n\n"
+    table += markdown(
+        [
+            "backbone",
+            "forward MFLOP / image",
+            "forward GFLOP/s",
+            "CE epoch GFLOP/s (3 × forward)",
+            "matmul GFLOP/s (peak)",
+            "per network / CE epoch, forward at peak",
+        ],
+        arithmetic_rows,
     )
     return result, table
 
@@ -1731,6 +1770,10 @@ def summarise(results):
             f"refresh per network / CE epoch, {kind}",
             entry["ratios"]["refresh_per_network_over_ce_epoch"]["ratio"],
             "refresh_per_network_over_ce_epoch",
+            note=(
+                "at the matmul peak: "
+                f"{entry['arithmetic']['refresh_per_network_over_ce_epoch_at_peak']:.3g}"
+            ),
         )
     if "run" in results:
         r = results["run"]["ratios"]

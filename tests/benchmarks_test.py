@@ -87,8 +87,14 @@ def test_tiny_performance_benchmark_writes_every_part(tmp_path):
         "refresh_split",
         "eval_warmup",
         "eval_split",
+        "matmul",
     } <= set(refresh["seconds"])
     assert "refresh_per_network_over_ce_epoch" in refresh["ratios"]
+    # The tiny network at 16x16x3, width 8, by hand.
+    macs = 16 * 16 * 9 * (3 * 8 + 8 * 8) + 8 * 8 * 9 * (8 * 16 + 16 * 16) + 16 * 10
+    mflop = refresh["arithmetic"]["forward_mflop_per_image"]
+    assert mflop == pytest.approx(2 * macs / 1e6)
+    assert refresh["arithmetic"]["refresh_per_network_over_ce_epoch_at_peak"] > 0
 
     run = read("whole_run.json")
     assert {"gal", "ce_gal", "ce_keras"} <= set(run["wall_seconds"])
