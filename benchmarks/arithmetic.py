@@ -24,19 +24,24 @@ def forward_flops(model):
     kernel's size. Normalisation, activations and pooling are left out: a few
     per cent of a CNN's operations.
     """
-    macs = 0
+    return 2 * _multiply_adds(model)
+
+
+def _multiply_adds(model):
+    total = 0
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            macs += forward_flops(layer) // 2
+            total += _multiply_adds(layer)
         elif isinstance(layer, KERNEL_LAYERS):
             positions = int(np.prod(layer.output.shape[1:-1]))
-            macs += positions * int(np.prod(layer.kernel.shape))
-    return 2 * macs
+            total += positions * int(np.prod(layer.kernel.shape))
+    return total
 
 
 def matmul_call(n):
     """One `n`×`n` float32 matrix product (2n³ operations) fetched to the host:
-    the machine's dense-arithmetic peak, which no network pass can exceed."""
+    the rate of the machine's best-tuned dense arithmetic, the ceiling a network
+    pass can approach (a convolution may match it, not beat it by much)."""
     generator = tf.random.Generator.from_seed(0)
     a, b = generator.normal((n, n)), generator.normal((n, n))
     product = tf.function(tf.matmul)
@@ -51,7 +56,7 @@ def refresh_arithmetic(flops_per_image, num_images, matmul_size, seconds):
     both the inputs and the weights of every layer). From the median `seconds` of
     `forward_twins` (two networks), `ce_epoch` and `matmul`, the rates each ran
     at, and the refresh per network over a CE epoch if the inference pass ran at
-    the matrix product's rate: no refresh on this machine can cost less.
+    the matrix product's rate: about the least a refresh can cost here.
     """
     forward = flops_per_image * num_images
     peak = 2 * matmul_size**3 / seconds["matmul"]

@@ -52,9 +52,10 @@ machine and on whatever else runs on it.
    and one evaluation pass (`evaluate`) of the validation set in either phase,
    which part 4's floor needs. Beside them, the arithmetic: the inference pass's
    operations per image (`forward_flops`), the rates the forward pass and the CE
-   epoch ran at, a 4096×4096 float32 matrix product's rate (`matmul`, this
-   machine's dense-arithmetic peak), and the refresh per network over a CE epoch
-   if the inference pass ran at that peak: the lowest any refresh can reach here.
+   epoch ran at, a 4096×4096 float32 matrix product's rate (`matmul`, the
+   ceiling of this machine's dense arithmetic), and the refresh per network over
+   a CE epoch if the inference pass ran at that rate: about the least a refresh
+   can cost here.
 4. `run` (whole_run.json): whole `fit` runs on the same N images (`small_cnn`,
    crop+flip augmentation, per-epoch validation, E = 10, W = 4): GAL, CE as
    galkeras runs it (`GAL`, W = E, `train_student=False`) and CE in plain Keras.
